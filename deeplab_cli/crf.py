@@ -1,0 +1,109 @@
+"""The fully connected CRF (Krähenbühl & Koltun 2011) that refines DeepLab's probabilities.
+
+Two backends compute the same model: `pydensecrf` (Krähenbühl's single-threaded C++ code) and
+`torch` (our permutohedral lattice in PyTorch, `permutohedral.py`, batched and GPU-capable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+BACKENDS = ("auto", "pydensecrf", "torch")
+UNARY_CLIP = 1e-5  # pydensecrf.utils.unary_from_softmax's default: U = −log(max(p, 1e-5))
+
+
+@dataclass(frozen=True)
+class CRFParams:
+    """Mean-field iterations and the two Potts kernels' weights and widths (σ in pixels / intensity levels)."""
+
+    iterations: int = 10
+    bi_w: float = 4.0
+    bi_xy: float = 121.0
+    bi_rgb: float = 5.0
+    pos_w: float = 3.0
+    pos_xy: float = 3.0
+
+    def with_overrides(self, **values: float | int | None) -> "CRFParams":
+        """A copy with the given fields replaced (None leaves a field as it is)."""
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+    def validate(self) -> "CRFParams":
+        """Raise ValueError for values the CRF cannot use."""
+        if self.iterations < 0:
+            raise ValueError(f"CRF iterations must be ≥ 0, got {self.iterations}")
+        for name in ("bi_xy", "bi_rgb", "pos_xy"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"CRF {name.replace('_', ' σ')} must be > 0, got {getattr(self, name)}")
+        return self
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+# The paper cross-validates w1, σα, σβ per model (w2 = 3, σγ = 3 fixed); values quoted per model.
+PRESETS: dict[str, CRFParams] = {
+    "largefov": CRFParams(bi_w=4, bi_xy=121, bi_rgb=5),
+    "msc-largefov": CRFParams(bi_w=4, bi_xy=83, bi_rgb=5),
+    "deeplab": CRFParams(bi_w=5, bi_xy=50, bi_rgb=10),
+    "msc": CRFParams(bi_w=3, bi_xy=95, bi_rgb=3),
+}
+
+
+def unary_from_probs(probs: np.ndarray) -> np.ndarray:
+    """probs: (C, H, W) → unary energy (C, H·W) float32 C-contiguous, −log p clipped as pydensecrf does."""
+    p = np.asarray(probs, dtype=np.float32)
+    return np.ascontiguousarray(-np.log(np.clip(p, UNARY_CLIP, None)).reshape(p.shape[0], -1))
+
+
+def check_inputs(image: np.ndarray, probs: np.ndarray) -> None:
+    """Raise ValueError unless image is (H, W, 3) uint8 and probs finite (C, H, W) of the same size."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    if probs.ndim != 3:
+        raise ValueError(f"probabilities must be (C, H, W), got shape {probs.shape}")
+    if probs.shape[1:] != image.shape[:2]:
+        raise ValueError(f"probabilities are {probs.shape[2]}×{probs.shape[1]} but the image is {image.shape[1]}×{image.shape[0]}")
+    if not np.issubdtype(probs.dtype, np.floating):
+        raise ValueError(f"probabilities must be floating point, got {probs.dtype}")
+    if not np.isfinite(probs).all():
+        raise ValueError("probabilities contain NaN or inf")
+
+
+def dense_crf_pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
+    """image (H, W, 3) uint8 RGB, probs (C, H, W) → refined marginals Q (C, H, W) float32, via pydensecrf."""
+    import pydensecrf.densecrf as dcrf
+
+    check_inputs(image, probs)
+    c, h, w = probs.shape
+    d = dcrf.DenseCRF2D(w, h, c)
+    d.setUnaryEnergy(unary_from_probs(probs))
+    d.addPairwiseGaussian(sxy=params.pos_xy, compat=params.pos_w)
+    d.addPairwiseBilateral(sxy=params.bi_xy, srgb=params.bi_rgb, rgbim=np.require(image, np.uint8, ["C", "W"]), compat=params.bi_w)
+    q = d.inference(params.iterations)
+    return np.asarray(q, dtype=np.float32).reshape(c, h, w)
+
+
+def dense_crf(
+    image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParams(), backend: str = "pydensecrf", device: str = "cpu"
+) -> np.ndarray:
+    """Refine probabilities with the dense CRF: image (H, W, 3) uint8, probs (C, H, W) → Q (C, H, W) float32."""
+    params.validate()
+    backend = resolve_backend(backend, device)
+    if backend == "pydensecrf":
+        return dense_crf_pydensecrf(image, probs, params)
+    from .permutohedral import dense_crf_torch
+
+    check_inputs(image, probs)
+    q = dense_crf_torch(image, probs, device=device, **params.as_dict())
+    return q.cpu().numpy()
+
+
+def resolve_backend(backend: str, device: str = "cpu") -> str:
+    """'auto' → torch on CUDA, pydensecrf on the CPU (the faster there as measured by `deeplab benchmark --compare`)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown CRF backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    return "torch" if str(device).startswith("cuda") else "pydensecrf"

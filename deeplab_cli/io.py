@@ -1,0 +1,197 @@
+"""All file I/O: decoding the images users have, writing masks, overlays and probabilities atomically.
+
+Every output is written to a temporary name in its destination folder and renamed when complete,
+so an interrupted run never leaves a half-written file behind. `-` means stdin / stdout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import DeeplabError, UsageError
+from .palette import colorize, palette_bytes
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"})
+STDIO = "-"
+
+# Photos from cameras exceed PIL's default decompression-bomb limit (89 MP) only rarely; keep the
+# check but allow 300 MP, beyond which the network's memory would not suffice anyway.
+Image.MAX_IMAGE_PIXELS = 300_000_000
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    """True when the file name has an image extension we decode."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes to a file atomically, or to stdout when path is '-'."""
+    if str(path) == STDIO:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def read_bytes(source: str | os.PathLike) -> bytes:
+    """Read a whole file, or stdin when source is '-'."""
+    if str(source) == STDIO:
+        return sys.stdin.buffer.read()
+    try:
+        return Path(source).read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{source}: no such file") from None
+    except IsADirectoryError:
+        raise DeeplabError(f"{source}: is a directory, not an image") from None
+    except PermissionError:
+        raise DeeplabError(f"{source}: permission denied") from None
+
+
+def decode_image(data: bytes, name: str = "<image>") -> np.ndarray:
+    """Decode image bytes to (H, W, 3) uint8 RGB as displayed: EXIF rotation applied, alpha dropped, 16-bit scaled."""
+    if not data:
+        raise DeeplabError(f"{name}: empty file (0 bytes), not an image")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb8(im)
+    except UnidentifiedImageError:
+        return _decode_with_opencv(data, name)
+    except Image.DecompressionBombError as exc:
+        raise DeeplabError(f"{name}: image too large ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DeeplabError(f"{name}: cannot decode image ({exc})") from None
+
+
+def _to_rgb8(im: Image.Image) -> np.ndarray:
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float32)
+        scale = 1.0 / 257.0 if im.mode != "F" or arr.max(initial=0) > 1.0 else 255.0
+        gray = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.array(im, dtype=np.uint8)  # a writable copy (pydensecrf and torch want one)
+
+
+def _decode_with_opencv(data: bytes, name: str) -> np.ndarray:
+    # PIL does not read every TIFF (48-bit RGB, some compressions); OpenCV does.
+    import cv2
+
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH)
+    if arr is None:
+        raise DeeplabError(f"{name}: not an image (unrecognised format)")
+    if arr.dtype == np.uint16:
+        arr = np.rint(arr.astype(np.float32) / 257.0).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise DeeplabError(f"{name}: unsupported pixel type {arr.dtype}")
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    elif arr.shape[2] == 4:
+        arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB)
+    else:
+        arr = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    return np.ascontiguousarray(arr)
+
+
+def read_image(source: str | os.PathLike) -> np.ndarray:
+    """Read an image file (or '-' for stdin) as (H, W, 3) uint8 RGB."""
+    name = "<stdin>" if str(source) == STDIO else str(source)
+    return decode_image(read_bytes(source), name)
+
+
+def encode_mask_png(labels: np.ndarray) -> bytes:
+    """labels: (H, W) class indices → palette-mode PNG bytes (VOC colour map, values = indices)."""
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be (H, W), got shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 255):
+        raise ValueError("labels must lie in 0..255 to be stored in a palette PNG")
+    im = Image.fromarray(np.ascontiguousarray(labels.astype(np.uint8)))
+    im.putpalette(palette_bytes())  # turns the "L" image into mode "P" keeping the values
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def write_mask(path: str | os.PathLike, labels: np.ndarray) -> None:
+    """Write (H, W) class indices as a VOC palette PNG, atomically (or to stdout for '-')."""
+    write_bytes(path, encode_mask_png(labels))
+
+
+def overlay_image(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend the colour mask into the image where a class other than background was found: (H, W, 3) uint8."""
+    color = colorize(labels).astype(np.float32)
+    out = image.astype(np.float32)
+    fg = (labels != 0)[..., None]
+    out = np.where(fg, (1.0 - alpha) * out + alpha * color, out)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write an (H, W, 3) uint8 RGB image; the format follows the extension (PNG for '-')."""
+    fmt = "PNG" if str(path) == STDIO else Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    write_bytes(path, buf.getvalue())
+
+
+def write_probs(path: str | os.PathLike, probs: np.ndarray) -> None:
+    """Save probabilities (C, H, W) float32 as .npy, atomically."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(probs, dtype=np.float32))
+    write_bytes(path, buf.getvalue())
+
+
+def read_probs(path: str | os.PathLike) -> np.ndarray:
+    """Load a (C, H, W) .npy array safely (no pickles)."""
+    try:
+        arr = np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DeeplabError(f"{path}: not a .npy array ({exc})") from None
+    if not isinstance(arr, np.ndarray):
+        raise DeeplabError(f"{path}: expected one .npy array, found an archive")
+    return arr
+
+
+def read_label_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a label PNG (palette or grayscale; values = class indices, 255 = void) as (H, W) uint8."""
+    data = read_bytes(path)
+    if not data:
+        raise DeeplabError(f"{path}: empty file (0 bytes), not a label image")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.mode not in ("P", "L"):
+                raise DeeplabError(f"{path}: label images must be palette or grayscale PNGs (found mode {im.mode})")
+            return np.array(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DeeplabError(f"{path}: cannot decode label image ({exc})") from None

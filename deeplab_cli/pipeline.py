@@ -1,0 +1,154 @@
+"""The segmentation pipeline: one object owns the model, its device and its transforms.
+
+    seg = Segmenter.from_weights("deeplab_largefov_voc12.safetensors")
+    result = seg.segment(read_image("photo.jpg"))   # result.labels: (H, W) uint8
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .crf import CRFParams, dense_crf, resolve_backend
+from .errors import UsageError
+from .model import DeepLab
+from .palette import load_class_names
+from .transforms import padded_size, preprocess, scores_to_probs, to_tensor, upsample_scores
+from .weights import Weights, build_model, load_weights, resolve_weights
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    """'auto' → cuda when available else cpu; 'cpu', 'cuda' or 'cuda:N' checked to exist."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {spec!r} asked for, but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"device {spec!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif device.type != "cpu":
+        raise UsageError(f"unsupported device {spec!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def default_precision(device: torch.device) -> str:
+    """The fastest precision whose labels agree with fp32 (see README): fp16 on CUDA, fp32 on the CPU."""
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
+@dataclass
+class Segmentation:
+    """One image's result: labels (H, W) uint8, probs (C, H, W) float32 before the CRF, crf_probs after it."""
+
+    labels: np.ndarray
+    probs: np.ndarray
+    crf_probs: np.ndarray | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+class Segmenter:
+    """DeepLab v1 on a device: image (H, W, 3) uint8 RGB → probabilities → CRF → labels."""
+
+    def __init__(
+        self,
+        model: DeepLab,
+        device: str | torch.device = "auto",
+        precision: str | None = None,
+        pad_to: int | None = None,
+        crf: CRFParams | None = CRFParams(),
+        crf_backend: str = "auto",
+        class_names: Sequence[str] | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        self.device = device if isinstance(device, torch.device) else select_device(device)
+        self.precision = precision or default_precision(self.device)
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if self.precision == "fp16" and self.device.type == "cpu":
+            raise UsageError("fp16 is only offered on CUDA; use fp32 or bf16 on the CPU")
+        self.model = model.eval().to(self.device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.channels_last = channels_last
+        self.arch = model.arch
+        self.pad_to = pad_to
+        self.crf = crf.validate() if crf is not None else None
+        self.crf_backend = resolve_backend(crf_backend, str(self.device))
+        self.class_names = list(class_names) if class_names else load_class_names(None, model.num_classes)
+
+    @classmethod
+    def from_weights(
+        cls, weights: str | os.PathLike | Weights | None = None, arch: str | None = None, **kwargs
+    ) -> "Segmenter":
+        """Build from a weights file (found by resolve_weights when None); arch overrides the file's metadata."""
+        if not isinstance(weights, Weights):
+            weights = load_weights(resolve_weights(weights), arch=arch)
+        return cls(build_model(weights), **kwargs)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """The padded network input size (H', W') for an image of height × width."""
+        try:
+            return padded_size(height, width, self.arch, self.pad_to)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+    @torch.inference_mode()
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, 3, H', W') preprocessed input on the device (see transforms.preprocess) → fc8 scores (N, C, h, w)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.precision == "fp32":
+            return self.model(x)
+        with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision]):
+            return self.model(x)
+
+    @torch.inference_mode()
+    def predict_probs_batch(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Images (H, W, 3) uint8 sharing one padded size → softmax probabilities [(C, H, W) float32] on the device."""
+        sizes = {self.input_size(*im.shape[:2]) for im in images}
+        if len(sizes) != 1:
+            raise ValueError(f"a batch must share one padded size, got {sorted(sizes)}")
+        size = sizes.pop()
+        batch = torch.cat([preprocess(to_tensor(im, self.device)[None], size) for im in images])
+        up = upsample_scores(self.scores(batch), self.arch)
+        return [scores_to_probs(up[i], im.shape[0], im.shape[1]) for i, im in enumerate(images)]
+
+    def predict_probs(self, image: np.ndarray) -> np.ndarray:
+        """image (H, W, 3) uint8 RGB → softmax probabilities (C, H, W) float32 at input resolution, before the CRF."""
+        return self.predict_probs_batch([image])[0].cpu().numpy()
+
+    def refine(self, image: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """Apply this segmenter's CRF: image (H, W, 3) uint8, probs (C, H, W) → Q (C, H, W) float32."""
+        if self.crf is None:
+            return probs
+        return dense_crf(image, probs, self.crf, self.crf_backend, str(self.device))
+
+    def segment(self, image: np.ndarray) -> Segmentation:
+        """The whole pipeline for one image; labels are the argmax after the CRF (or before, without one)."""
+        t0 = time.perf_counter()
+        probs = self.predict_probs(image)
+        t1 = time.perf_counter()
+        timings = {"network": t1 - t0}
+        crf_probs = None
+        final = probs
+        if self.crf is not None:
+            crf_probs = final = self.refine(image, probs)
+            timings["crf"] = time.perf_counter() - t1
+        labels = final.argmax(axis=0).astype(np.uint8)
+        return Segmentation(labels, probs, crf_probs, timings)

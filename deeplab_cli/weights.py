@@ -1,0 +1,234 @@
+"""Weight files: where to find them, how to load them safely, and whether they fit an architecture.
+
+Formats: `.safetensors` (what `deeplab weights convert` writes, with metadata) and PyTorch state
+dicts loaded with `torch.load(weights_only=True)` (never unpickling arbitrary objects).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import DeeplabError, UsageError
+from .model import ARCHS, DeepLab, expected_shapes
+
+WEIGHTS_ENV = "DEEPLAB_WEIGHTS"
+CACHE_ENV = "DEEPLAB_CACHE"
+DEFAULT_MODEL = "largefov-voc12"
+
+# Layer order of every architecture: positional imports map foreign layouts onto it.
+LAYER_ORDER = [f"conv{b}_{i}" for b, n in enumerate((2, 2, 3, 3, 3), 1) for i in range(1, n + 1)] + ["fc6", "fc7", "fc8"]
+_PREFIXES = ("module.", "model.", "net.", "base.", "deeplab.")
+
+
+@dataclass
+class Weights:
+    """A loaded state dict (key → CPU tensor) with its architecture, class count and file metadata."""
+
+    state_dict: dict[str, torch.Tensor]
+    arch: str
+    num_classes: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def cache_dir() -> Path:
+    """The user cache directory: $DEEPLAB_CACHE, else the platform's cache dir + /deeplab-cli."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "deeplab-cli"
+
+
+def cached_model_path(name: str = DEFAULT_MODEL) -> Path:
+    """Where `deeplab weights fetch NAME` stores the converted model."""
+    return cache_dir() / f"{name}.safetensors"
+
+
+def resolve_weights(explicit: str | os.PathLike | None = None) -> Path:
+    """Find the weights file: --weights, then $DEEPLAB_WEIGHTS, then the cached default model."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise UsageError(f"{path}: weights file not found")
+        return path
+    if os.environ.get(WEIGHTS_ENV):
+        path = Path(os.environ[WEIGHTS_ENV]).expanduser()
+        if not path.is_file():
+            raise UsageError(f"{path}: weights file not found (from ${WEIGHTS_ENV})")
+        return path
+    path = cached_model_path()
+    if path.is_file():
+        return path
+    raise UsageError(
+        f"no weights found: looked at --weights, ${WEIGHTS_ENV} and {path}; "
+        f"get them with `deeplab weights fetch` or `deeplab weights convert MODEL.caffemodel -o {path}`"
+    )
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_raw(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) == 0:
+        raise DeeplabError(f"{path}: empty file, not a weights file")
+    if path.suffix == ".safetensors" or (len(head) == 8 and not head.startswith((b"PK", b"\x80"))):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError) as exc:
+            if path.suffix == ".safetensors":
+                raise DeeplabError(f"{path}: not a valid safetensors file ({exc})") from None
+    if path.suffix == ".caffemodel":
+        raise DeeplabError(f"{path}: a Caffe model; convert it first with `deeplab weights convert {path} -o OUT.safetensors`")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for foreign or malicious files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            reason = "it holds Python objects that a weights file should not (refusing to unpickle them)"
+        raise DeeplabError(f"{path}: not a weights file: {reason}") from None
+    for key in ("state_dict", "model", "model_state_dict", "net"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise DeeplabError(f"{path}: not a state dict of tensors")
+    return dict(obj), {}
+
+
+def normalize_state_dict(sd: dict[str, torch.Tensor], source: str = "weights") -> dict[str, torch.Tensor]:
+    """Map foreign key layouts (module. prefixes, fc8_voc12, torchvision-style features.N) onto ours."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        key = re.sub(r"^fc8[^.]*\.", "fc8.", key)  # fc8_voc12, fc8_pascal, ...
+        out[key] = value
+    wanted = {f"{layer}.{p}" for layer in LAYER_ORDER for p in ("weight", "bias")}
+    if wanted <= out.keys():
+        return {k: out[k] for k in sorted(wanted, key=_layer_sort_key)}
+    # Same tensors under other names: take the 4-D weights (and their biases) in file order.
+    pairs = []
+    for key, value in out.items():
+        if key.endswith("weight") and value.dim() == 4:
+            bias_key = key[: -len("weight")] + "bias"
+            pairs.append((key, value, out.get(bias_key)))
+    if len(pairs) != len(LAYER_ORDER) or any(b is None for _, _, b in pairs):
+        unmapped = sorted(k for k in out if k not in wanted)[:8]
+        missing = sorted(wanted - out.keys(), key=_layer_sort_key)[:8]
+        raise DeeplabError(
+            f"{source}: cannot map keys onto DeepLab layers: found {len(pairs)} convolution weights, "
+            f"need {len(LAYER_ORDER)}; missing e.g. {', '.join(missing)}; unmapped e.g. {', '.join(unmapped) or '-'}"
+        )
+    mapped = {}
+    for layer, (_, weight, bias) in zip(LAYER_ORDER, pairs):
+        mapped[f"{layer}.weight"] = weight
+        mapped[f"{layer}.bias"] = bias.reshape(-1)
+    return mapped
+
+
+def _layer_sort_key(key: str) -> tuple[int, str]:
+    layer, _, param = key.partition(".")
+    return (LAYER_ORDER.index(layer) if layer in LAYER_ORDER else 99, param)
+
+
+def infer_arch(sd: dict[str, torch.Tensor]) -> str | None:
+    """The architecture whose fc6 shape matches the state dict, or None."""
+    fc6 = sd.get("fc6.weight")
+    if fc6 is None:
+        return None
+    for name, cfg in ARCHS.items():
+        kernel, _, _, channels = cfg.fc6
+        if tuple(fc6.shape) == (channels, 512, kernel, kernel):
+            return name
+    return None
+
+
+def check_shapes(sd: dict[str, torch.Tensor], arch: str, num_classes: int, source: str = "weights") -> None:
+    """Raise a DeeplabError naming every missing, unexpected or mis-shaped tensor."""
+    expected = expected_shapes(arch, num_classes)
+    problems = [f"missing {k}" for k in expected if k not in sd]
+    problems += [f"unexpected {k}" for k in sd if k not in expected]
+    problems += [
+        f"{k} is {list(sd[k].shape)}, expected {list(shape)}"
+        for k, shape in expected.items()
+        if k in sd and tuple(sd[k].shape) != shape
+    ]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise DeeplabError(f"{source}: does not fit the {arch} architecture: {shown}")
+
+
+def load_weights(path: str | os.PathLike, arch: str | None = None) -> Weights:
+    """Load and check a weights file; arch defaults to the file's metadata, then to fc6's shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: weights file not found")
+    raw, metadata = _read_raw(path)
+    sd = normalize_state_dict(raw, source=str(path))
+    sd = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in sd.items()}
+    detected = metadata.get("arch") or infer_arch(sd)
+    arch = arch or detected or "largefov"
+    if arch not in ARCHS:
+        raise DeeplabError(f"{path}: unknown architecture {arch!r} in metadata")
+    fc8 = sd.get("fc8.weight")
+    num_classes = int(fc8.shape[0]) if fc8 is not None else 21
+    check_shapes(sd, arch, num_classes, source=str(path))
+    return Weights(sd, arch, num_classes, metadata, path)
+
+
+def save_weights(
+    sd: dict[str, torch.Tensor], path: str | os.PathLike, arch: str, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a state dict as .safetensors (atomically) with arch and class-count metadata."""
+    from safetensors.torch import save_file
+
+    from .io import atomic_path
+
+    num_classes = int(sd["fc8.weight"].shape[0])
+    check_shapes(sd, arch, num_classes)
+    meta = {"format": "deeplab-cli", "arch": arch, "classes": str(num_classes), **(metadata or {})}
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=meta)
+
+
+def build_model(weights: Weights | None, arch: str = "largefov", num_classes: int = 21) -> DeepLab:
+    """A DeepLab in eval mode holding the given weights (or random weights when weights is None)."""
+    if weights is None:
+        model = DeepLab(arch, num_classes)
+    else:
+        model = DeepLab(weights.arch, weights.num_classes)
+        model.load_state_dict(weights.state_dict)
+    return model.eval()
+
+
+def load_manifest() -> dict[str, dict]:
+    """The known models of weights/manifest.json: name → {url, sha256, size, format, arch, ...}."""
+    from importlib.resources import files
+
+    # weights/ is installed as the data package deeplab_cli.registry (see setup.cfg's package_dir).
+    return json.loads(files("deeplab_cli.registry").joinpath("manifest.json").read_text())["models"]
