@@ -1,0 +1,51 @@
+"""Shared fixtures: random-weight model files and small real photos (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deeplab_cli.model import DeepLab
+from deeplab_cli.weights import save_weights
+
+
+def random_state_dict(arch: str = "largefov", num_classes: int = 21, seed: int = 0) -> dict[str, torch.Tensor]:
+    """He-initialised weights with small random biases: activations stay in a sane range through all layers."""
+    gen = torch.Generator().manual_seed(seed)
+    model = DeepLab(arch, num_classes)
+    sd = {}
+    for key, value in model.state_dict().items():
+        if key.endswith("weight"):
+            fan_in = value[0].numel()
+            sd[key] = torch.randn(value.shape, generator=gen) * (2.0 / fan_in) ** 0.5
+        else:
+            sd[key] = torch.randn(value.shape, generator=gen) * 0.1
+    return sd
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LargeFOV .safetensors file with seeded random weights (21 VOC classes)."""
+    path = tmp_path_factory.mktemp("weights") / "largefov_random.safetensors"
+    save_weights(random_state_dict("largefov"), path, "largefov", {"source": "random (tests)"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def photo() -> np.ndarray:
+    """A real photo (scikit-image's chelsea), downscaled to 75×113: (H, W, 3) uint8 RGB."""
+    from skimage import data
+
+    return np.array(Image.fromarray(data.chelsea()).resize((113, 75), Image.BILINEAR))
+
+
+@pytest.fixture()
+def photo_file(tmp_path: Path, photo: np.ndarray) -> Path:
+    """The small photo written as a JPEG."""
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(photo).save(path, quality=95)
+    return path
