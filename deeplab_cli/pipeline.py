@@ -84,6 +84,8 @@ class Segmenter:
         self.channels_last = channels_last
         self.arch = model.arch
         self.pad_to = pad_to
+        if pad_to is not None:
+            self.input_size(1, 1)  # validates pad_to against the architecture's alignment
         self.crf = crf.validate() if crf is not None else None
         self.crf_backend = resolve_backend(crf_backend, str(self.device))
         self.class_names = list(class_names) if class_names else load_class_names(None, model.num_classes)
