@@ -21,6 +21,8 @@ _EXPORTS = {
     "dense_crf": "crf",
     "load_weights": "weights",
     "save_weights": "weights",
+    "convert_caffemodel": "caffe",
+    "fetch_weights": ("download", "fetch"),
     "read_image": "io",
     "write_mask": "io",
     "colorize": "palette",

@@ -130,6 +130,7 @@ def normalize_state_dict(sd: dict[str, torch.Tensor], source: str = "weights") -
         out[key] = value
     wanted = {f"{layer}.{p}" for layer in LAYER_ORDER for p in ("weight", "bias")}
     if wanted <= out.keys():
+        _refuse_unmapped(out.keys() - wanted, source)
         return {k: out[k] for k in sorted(wanted, key=_layer_sort_key)}
     # Same tensors under other names: take the 4-D weights (and their biases) in file order.
     pairs = []
@@ -148,7 +149,16 @@ def normalize_state_dict(sd: dict[str, torch.Tensor], source: str = "weights") -
     for layer, (_, weight, bias) in zip(LAYER_ORDER, pairs):
         mapped[f"{layer}.weight"] = weight
         mapped[f"{layer}.bias"] = bias.reshape(-1)
+    used = {k for key, _, _ in pairs for k in (key, key[: -len("weight")] + "bias")}
+    _refuse_unmapped(out.keys() - used, source)
     return mapped
+
+
+def _refuse_unmapped(keys: set[str], source: str) -> None:
+    # A tensor we would silently drop (batch-norm statistics, an extra head) means another network.
+    if keys:
+        shown = ", ".join(sorted(keys)[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+        raise DeeplabError(f"{source}: keys that map onto no DeepLab layer: {shown}")
 
 
 def _layer_sort_key(key: str) -> tuple[int, str]:
@@ -214,6 +224,33 @@ def save_weights(
     meta = {"format": "deeplab-cli", "arch": arch, "classes": str(num_classes), **(metadata or {})}
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=meta)
+
+
+def describe_weights(path: str | os.PathLike) -> dict:
+    """What a weights file holds (for `deeplab weights info`): format, arch, classes, parameters, metadata, sha256."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: weights file not found")
+    if path.suffix.lower() == ".caffemodel":
+        from .caffe import load_caffemodel
+
+        weights, fmt = load_caffemodel(path), "caffemodel"
+    else:
+        weights = load_weights(path)
+        with open(path, "rb") as f:
+            head = f.read(2)
+        fmt = "pytorch" if head.startswith((b"PK", b"\x80")) else "safetensors"
+    return {
+        "path": str(path),
+        "format": fmt,
+        "arch": weights.arch,
+        "description": ARCHS[weights.arch].description,
+        "classes": weights.num_classes,
+        "parameters": sum(t.numel() for t in weights.state_dict.values()),
+        "size": path.stat().st_size,
+        "sha256": weights.metadata["source_sha256"] if fmt == "caffemodel" else sha256_file(path),
+        "metadata": dict(sorted(weights.metadata.items())),
+    }
 
 
 def build_model(weights: Weights | None, arch: str = "largefov", num_classes: int = 21) -> DeepLab:
