@@ -328,6 +328,15 @@ def _store(src: Path, dest: Path, fmt: str, arch: str | None, url: str):
     return weights
 
 
+def verify_cached_model(name: str) -> None:
+    """Raise a DeeplabError when a cached model that `fetch` wrote no longer has the sha256 it recorded."""
+    record = read_trust().get(name)
+    path = cached_model_path(name)
+    if record and record.get("converted_sha256") and sha256_file(path) != record["converted_sha256"]:
+        raise DeeplabError(f"{path}: changed since `deeplab weights fetch` wrote it (sha256 differs from "
+                           f"{trust_path()}); fetch it again with --force or pass --weights")
+
+
 def list_models(verify: bool = True) -> list[dict]:
     """The known models (manifest) and the other .safetensors files of the cache, with their cache and trust state."""
     records = read_trust()

@@ -71,6 +71,9 @@ def resolve_weights(explicit: str | os.PathLike | None = None) -> Path:
         return path
     path = cached_model_path()
     if path.is_file():
+        from .download import verify_cached_model
+
+        verify_cached_model(DEFAULT_MODEL)  # what `fetch` wrote is re-checked on every use
         return path
     raise UsageError(
         f"no weights found: looked at --weights, ${WEIGHTS_ENV} and {path}; "

@@ -227,6 +227,14 @@ def test_fetch_cli_pinned_then_segment_uses_it(server, caffemodel, isolated_cach
     listing = {r["name"]: r for r in json.loads(cli("weights", "list", "--json").stdout)}
     assert listing["largefov-voc12"]["status"] == "fetched, verified"
 
+    # Every later use re-checks the cached model: a tampered file is refused by `segment` too.
+    with open(path, "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x00\x00\x01")
+    tampered = cli("segment", photo_file, "-o", tmp_path / "mask2.png", "--no-crf")
+    assert tampered.exit_code == 1 and "changed since `deeplab weights fetch`" in tampered.stderr
+    assert not (tmp_path / "mask2.png").exists()
+
 
 def test_trust_on_first_use(server, caffemodel, isolated_cache, capsys):
     base, state = server
