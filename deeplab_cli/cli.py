@@ -47,6 +47,16 @@ class DeeplabGroup(click.Group):
             sys.exit(1)
 
 
+class OneLineErrorsCommand(click.Command):
+    """A command whose bad options (wrong type, unknown option) give one line and exit 2, like DeeplabError."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise UsageError(exc.format_message()) from None
+
+
 @click.group(cls=DeeplabGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="deeplab")
 def main() -> None:
@@ -94,6 +104,17 @@ crf_options = _stack(
                  help="CRF implementation (auto: torch on CUDA, pydensecrf on CPU)."),
 )
 
+
+# How the streaming pipeline (batch.run_batch) uses the machine; keys match run_batch's keyword options.
+crf_workers_option = click.option("--crf-workers", type=click.IntRange(min=0), default=None,
+                                  help="CRF worker processes [core count]; 0 runs the CRF on one thread in this process.")
+pipeline_options = _stack(
+    click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                 help="Images of one padded size per network call [1 on CPU, 8 on CUDA]."),
+    crf_workers_option,
+    click.option("--net-threads", type=click.IntRange(min=1), default=None,
+                 help="torch threads for the network [torch's default: the core count]."),
+)
 
 def crf_params_from(opts: dict[str, Any]):
     """CRFParams from the shared CRF options, or None with --no-crf."""
@@ -165,6 +186,309 @@ def segment(image: str, output: str, overlay: str | None, save_probs: str | None
     if overlay:
         write_image(overlay, overlay_image(rgb, result.labels))
     write_mask(output, result.labels)
+
+
+@main.command(cls=OneLineErrorsCommand)
+@click.argument("inputs", nargs=-1, metavar="[FOLDER|GLOB|IMAGE]...")
+@click.option("-o", "--output", required=True, metavar="DIR", help="Output folder; the input tree is mirrored in it.")
+@click.option("--from-list", metavar="FILE|-", default=None,
+              help="Also read input paths from FILE ('-' for stdin), one per line or NUL-separated.")
+@click.option("--recursive/--no-recursive", default=True, show_default=True, help="Walk input folders recursively.")
+@click.option("--overwrite", is_flag=True, help="Redo images whose outputs exist (default: skip them, so reruns resume).")
+@click.option("--overlay", is_flag=True, help="Also write NAME.overlay.jpg: the image blended with the colour mask.")
+@click.option("--save-probs", is_flag=True, help="Also write NAME.probs.npy: (C, H, W) float32 probabilities before the CRF.")
+@click.option("--report", metavar="FILE.jsonl", default=None,
+              help="Write one JSON line per input: path, output, status, error, timings.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Images of one padded size per network call [1 on CPU, 8 on CUDA].")
+@click.option("--crf-workers", type=click.IntRange(min=0), default=None,
+              help="CRF worker processes [core count]; 0 runs the CRF on one thread in this process.")
+@click.option("--net-threads", type=click.IntRange(min=1), default=None,
+              help="torch threads for the network [torch's default: the core count].")
+@click.option("--no-progress", is_flag=True, help="No live progress bar (the summary is still printed).")
+@model_options
+@crf_options
+def batch(inputs: tuple[str, ...], output: str, from_list: str | None, recursive: bool, overwrite: bool, overlay: bool,
+          save_probs: bool, report: str | None, batch_size: int | None, crf_workers: int | None,
+          net_threads: int | None, no_progress: bool, **opts: Any) -> None:
+    """Segment every image in folders, globs or a list into masks mirroring the tree under -o.
+
+    Resumable: outputs already complete are skipped. Exit code 0 when all succeeded, 1 when any image
+    failed (listed in the summary and --report), 130 when interrupted (Ctrl-C finishes the images in flight).
+    """
+    from .batch import check_output_dir, discover_inputs, plan_jobs, print_summary, segment_tree
+
+    if not inputs and from_list is None:
+        raise UsageError("give input folders, globs or images, or --from-list FILE")
+    console = stderr_console()
+    check_output_dir(output, inputs)
+    warn = lambda message: console.print(f"deeplab: {message}", markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    found = discover_inputs(inputs, recursive=recursive, from_list=from_list, exclude=output, warn=warn)
+    jobs = plan_jobs(found, output, overlay=overlay, save_probs=save_probs)
+    if not jobs:
+        warn("no images found")
+    summary = segment_tree(
+        jobs, lambda: segmenter_from(opts), overwrite=overwrite, report=report, console=console,
+        progress=not no_progress, batch_size=batch_size, crf_workers=crf_workers, net_threads=net_threads,
+    )
+    print_summary(summary, console)
+    sys.exit(summary.exit_code)
+
+
+@main.command(cls=OneLineErrorsCommand)
+@click.argument("root", required=False, metavar="[VOC_ROOT]")
+@click.option("--split", default="val", show_default=True, help="ImageSets/Segmentation/<split>.txt of a VOC root.")
+@click.option("--images", "images_dir", metavar="DIR", default=None,
+              help="Folder of images (instead of a VOC root), matched to --labels by name without suffix.")
+@click.option("--labels", "labels_dir", metavar="DIR", default=None,
+              help="Folder of label PNGs (class index per pixel, 255 = void).")
+@click.option("--crf", "crf_mode", type=click.Choice(["off", "on", "both"]), default="on", show_default=True,
+              help="Score after the CRF, without it, or both from one network pass.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N images.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report (per-class IoU, confusion) as JSON.")
+@click.option("--no-progress", is_flag=True, help="No live progress bar.")
+@model_options
+@crf_options
+@pipeline_options
+def evaluate(root: str | None, split: str, images_dir: str | None, labels_dir: str | None, crf_mode: str,
+             limit: int | None, as_json: bool, no_progress: bool, batch_size: int | None, crf_workers: int | None,
+             net_threads: int | None, **opts: Any) -> None:
+    """Score a model on labelled images: per-class IoU, mIoU, pixel and mean class accuracy.
+
+    VOC_ROOT is a PASCAL VOC-layout folder (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/).
+    Files that cannot be scored are listed and skipped; the exit code is then 1.
+    """
+    import json
+
+    from .evaluate import CRF_CHOICES, dataset_from, evaluate_with_progress, evaluation_report, results_table
+    from .weights import resolve_weights
+
+    if opts.get("no_crf"):
+        if crf_mode == "both":
+            raise UsageError("--no-crf contradicts --crf both; use --crf off")
+        crf_mode = "off"
+    opts["no_crf"] = crf_mode == "off"
+    dataset = dataset_from(root, split, images_dir, labels_dir)  # check the dataset before loading the model
+    if not dataset.samples:
+        raise UsageError(f"no labelled images found in {', '.join(str(v) for v in dataset.source.values())}")
+    console = stderr_console()
+    seg = segmenter_from(opts)
+    result = evaluate_with_progress(seg, dataset, CRF_CHOICES[crf_mode], limit, None if no_progress else console,
+                                    batch_size=batch_size, crf_workers=crf_workers, net_threads=net_threads)
+    for problem in result.problems:
+        console.print(f"deeplab: skipped {problem.path}: {problem.reason}", markup=False, highlight=False)
+    if as_json:
+        report = evaluation_report(result, dataset, seg, limit, str(resolve_weights(opts.get("weights"))))
+        click.echo(json.dumps(report, indent=2))
+        means = ", ".join(f"{100 * result.scores(m).miou:.2f}% {m.replace('_', ' ')}" for m in result.modes)
+        console.print(f"deeplab: mIoU {means} over {len(result.scored)} images", markup=False, highlight=False)
+    else:
+        from rich.console import Console
+
+        Console(highlight=False).print(results_table(result))
+    if result.interrupted:
+        fail(f"interrupted: the scores cover only {len(result.scored)} of {result.total} images", 130)
+    if not result.scored:
+        fail("no image could be scored", 1)
+    if result.problems:
+        fail(f"{len(result.problems)} of {result.total} images could not be scored (listed above)", 1)
+
+
+@main.command(cls=OneLineErrorsCommand)
+@click.argument("image", metavar="IMAGE|IMAGES_DIR")
+@click.argument("source", metavar="PROBS|PROBS_DIR")
+@click.option("-o", "--output", required=True, metavar="OUT.png|OUT_DIR",
+              help="Palette PNG mask ('-' for stdout); a folder when refining folders.")
+@click.option("--overlay", metavar="PATH|DIR", default=None, help="Also write the image blended with the colour mask.")
+@click.option("--save-probs", metavar="PATH.npy|DIR", default=None,
+              help="Also save the refined (C, H, W) float32 marginals.")
+@click.option("--logits", is_flag=True, help="The .npy holds raw scores: apply a softmax (a sigmoid for C = 1).")
+@click.option("--labels-in", is_flag=True,
+              help="The input is a (H, W) label image (class per pixel, 255 = unknown), not probabilities.")
+@click.option("--confidence", type=float, default=0.7, show_default=True,
+              help="With --labels-in: probability given to each pixel's label; the rest is shared by the other classes.")
+@click.option("--num-classes", type=int, default=None,
+              help="With --labels-in: number of classes (default: the largest label + 1).")
+@click.option("--device", default="auto", show_default=True, help="Device of the torch CRF backend: auto, cpu, cuda[:N].")
+@crf_workers_option
+@crf_options
+def refine(image: str, source: str, output: str, overlay: str | None, save_probs: str | None, logits: bool,
+           labels_in: bool, confidence: float, num_classes: int | None, device: str, crf_workers: int | None,
+           **opts: Any) -> None:
+    """Refine another model's output with the dense CRF: IMAGE + its (C, H, W) .npy probabilities → mask.
+
+    With two folders, every image is matched to the input of the same relative name (a/x.jpg ↔ a/x.npy)
+    and the masks go to OUT_DIR/a/x.png.
+    """
+    from .refine import RefineOptions, crf_runtime, refine_file, refine_folder
+
+    backend, crf_device = crf_runtime(opts.get("crf_backend", "auto"), device)
+    options = RefineOptions(
+        params=crf_params_from(opts), backend=backend, device=crf_device, logits=logits, labels_in=labels_in,
+        confidence=confidence, num_classes=num_classes,
+    ).validate()
+    if Path(image).is_dir():
+        if not Path(source).is_dir():
+            raise UsageError(f"{source}: not a directory (IMAGE is a folder, so the inputs must be one too)")
+        if output == "-" or Path(output).is_file():
+            raise UsageError(f"{output}: with folders, -o names an output folder")
+        out_dirs = [Path(d).resolve() for d in (output, overlay, save_probs) if d]
+        if any(d in (Path(image).resolve(), Path(source).resolve()) for d in out_dirs):
+            raise UsageError("output folders must differ from the input folders")
+        console = stderr_console()
+        result = refine_folder(image, source, output, overlay, save_probs, options, console, crf_workers)
+        for path, reason in result.failures:
+            console.print(f"deeplab: failed {path}: {reason}", markup=False, highlight=False)
+        console.print(f"deeplab: {len(result.written)} mask(s) written to {output}, {len(result.failures)} failed",
+                      markup=False, highlight=False)
+        if result.failures:
+            sys.exit(1)
+        return
+    for inp in (image, source):
+        if inp != "-" and not Path(inp).exists():
+            raise UsageError(f"{inp}: no such file")
+        for out in (output, overlay, save_probs):
+            if out and _same_file(inp, out):
+                raise UsageError(f"{out}: refusing to overwrite the input {inp}")
+    if image == "-" and source == "-":
+        raise UsageError("only one of IMAGE and PROBS can be read from stdin")
+    refine_file(image, source, output, overlay, save_probs, options)
+
+
+@main.group()
+def weights() -> None:
+    """Get, convert and inspect model weights (the authors' Caffe release, PyTorch state dicts)."""
+
+
+@weights.command("convert")
+@click.argument("model", metavar="MODEL.caffemodel")
+@click.option("-o", "--output", metavar="OUT.safetensors", default=None,
+              help="Where to write (default: the cached default model, which `deeplab segment` then uses).")
+@click.option("--arch", type=click.Choice(["largefov", "deeplab"]), default=None,
+              help="Architecture (default: detected from fc6's shape).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def weights_convert(model: str, output: str | None, arch: str | None, as_json: bool) -> None:
+    """Convert a Caffe .caffemodel (no Caffe needed) to .safetensors with arch, classes and source sha256."""
+    import json
+
+    from .caffe import convert_caffemodel
+    from .weights import cached_model_path
+
+    if not Path(model).is_file():
+        raise UsageError(f"{model}: no such file")
+    out = Path(output) if output else cached_model_path()
+    w = convert_caffemodel(model, out, arch)
+    click.echo(f"deeplab: wrote {out} ({w.arch}, {w.num_classes} classes; source sha256 "
+               f"{w.metadata['source_sha256']})" + ("; `deeplab segment` uses it by default" if not output else ""),
+               err=True)
+    if as_json:
+        click.echo(json.dumps({"path": str(out), "arch": w.arch, "classes": w.num_classes, **w.metadata}, indent=2))
+
+
+@weights.command("fetch")
+@click.argument("name", required=False, metavar="[NAME]")
+@click.option("--url", default=None, help="Download from this URL (a mirror) instead of the manifest's.")
+@click.option("--sha256", default=None, metavar="HEX", help="Pin the expected sha256 of the downloaded file.")
+@click.option("--arch", type=click.Choice(["largefov", "deeplab"]), default=None,
+              help="Architecture (default: the manifest's, else detected from fc6's shape).")
+@click.option("--force", is_flag=True, help="Download again even when the model is already in the cache.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def weights_fetch(name: str | None, url: str | None, sha256: str | None, arch: str | None, force: bool,
+                  quiet: bool, as_json: bool) -> None:
+    """Download a known model (default largefov-voc12), verify its sha256, convert it into the cache."""
+    import json
+
+    from .download import fetch
+
+    result = fetch(name, url=url, sha256=sha256, force=force, quiet=quiet, arch=arch)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+
+
+@weights.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def weights_list(as_json: bool) -> None:
+    """The known models and what the cache holds (verified against the sha256 recorded by fetch)."""
+    import json
+
+    from .download import list_models
+    from .weights import cache_dir
+
+    rows = list_models()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"cache: {cache_dir()}", title_justify="left")
+    for col in ("name", "arch", "status", "sha256"):
+        table.add_column(col, no_wrap=col != "status")
+    for r in rows:
+        sha = r["published_sha256"] or r["recorded_sha256"]
+        sha = f"{sha[:16]}… ({'published' if r['published_sha256'] else 'recorded'})" if sha else "none published"
+        table.add_row(r["name"], r["arch"] or "-", r["status"], sha)
+    Console(highlight=False).print(table)
+
+
+@weights.command("info")
+@click.argument("file", metavar="FILE")
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+def weights_info(file: str, as_json: bool) -> None:
+    """What a weights file holds: format, arch, classes, parameter count, metadata, sha256."""
+    import json
+
+    from .weights import describe_weights
+
+    info = describe_weights(file)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if key == "metadata":
+            for mkey, mvalue in value.items():
+                click.echo(f"metadata.{mkey}: {mvalue}")
+        else:
+            click.echo(f"{key}: {f'{value:,}' if key in ('parameters', 'size') else value}")
+
+
+@main.command(cls=OneLineErrorsCommand)
+@click.option("--fps", is_flag=True, help="Time every stage of the pipeline (the default unless only --compare is given).")
+@click.option("--compare", is_flag=True, help="Time the available CRF backends side by side on the same input.")
+@click.option("--size", default="513x513", show_default=True, metavar="HxW",
+              help="Image size, HEIGHTxWIDTH in pixels (one number for a square).")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Images per network call.")
+@click.option("--iters", type=int, default=5, show_default=True, help="Timed runs (figures are medians, with min/max).")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs first.")
+@click.option("--images", "images_dir", metavar="DIR", default=None,
+              help="Decode these images (then resized to --size, untimed) instead of generated ones.")
+@click.option("--channels-last", is_flag=True, help="Run the network in channels_last memory format.")
+@click.option("--variants/--no-variants", default=True, show_default=True,
+              help="Also time every precision / memory format of the device and its argmax agreement with fp32.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object on stdout (keys: README).")
+@model_options
+@crf_options
+def benchmark(fps: bool, compare: bool, size: str, batch_size: int, iters: int, warmup: int, images_dir: str | None,
+              channels_last: bool, variants: bool, as_json: bool, **opts: Any) -> None:
+    """Measure the speed of every pipeline stage on this machine (random weights unless --weights)."""
+    import json
+
+    from .benchmark import BenchmarkOptions, parse_size, render_report, run_benchmark
+
+    crf = crf_params_from({**opts, "no_crf": False})  # --compare times the CRF even with --no-crf
+    options = BenchmarkOptions(
+        size=parse_size(size), batch_size=batch_size, iters=iters, warmup=warmup, device=opts["device"],
+        precision=opts["precision"], channels_last=channels_last, arch=opts["arch"], weights=opts["weights"],
+        classes_file=opts["classes_file"], pad_to=opts["pad_to"], images=images_dir, crf=crf,
+        use_crf=not opts["no_crf"], crf_backend=opts["crf_backend"], fps=fps or not compare, variants=variants,
+        compare=compare,
+    )
+    console = stderr_console()
+    report = run_benchmark(options, log=lambda m: console.print(f"deeplab: {m}", markup=False, highlight=False))
+    render_report(report, console)
+    if as_json:
+        click.echo(json.dumps(report))
 
 
 def run() -> None:
