@@ -21,8 +21,8 @@ Pipeline (each arrow a bounded queue, so memory stays flat however many files th
   read + decode on a thread pool → group images of one padded size into batches of `batch_size`
   → network + 8× upsampling + softmax on the segmenter's device (one thread; torch.set_num_threads(net_threads))
   → CRF on a pool of worker processes (pydensecrf is single-threaded C++ and holds the GIL; 'forkserver' or
-    'spawn' processes stay clear of torch's threads; they run at a lower priority, `crf_nice`, so the
-    network — the head of the pipeline — gets the cores first and the CRF fills the gaps)
+    'spawn' processes stay clear of torch's threads; on a GPU machine they run at a lower priority,
+    `crf_nice`, so the thread feeding the device is never kept waiting for a core)
     or, for the torch CRF backend, on one thread on the device
   → encode + atomic write on a thread pool → the consumer.
 Per-image seconds per stage land in `ImageResult.timings` (STAGES). A batch's network and upsampling time
@@ -58,6 +58,7 @@ import os
 import queue
 import re
 import signal
+import sys
 import threading
 import time
 from collections import Counter, OrderedDict, defaultdict
@@ -73,12 +74,20 @@ import numpy as np
 from .crf import CRFParams, dense_crf_pydensecrf
 from .errors import DeeplabError, UsageError
 from .io import (
-    IMAGE_EXTENSIONS, STDIO, atomic_path, decode_image, encode_mask_png, is_image_path, overlay_image, read_bytes,
-    write_bytes, write_image, write_probs,
+    IMAGE_EXTENSIONS,
+    STDIO,
+    atomic_path,
+    decode_image,
+    encode_mask_png,
+    is_image_path,
+    overlay_image,
+    read_bytes,
+    write_bytes,
+    write_image,
+    write_probs,
 )
 
 if TYPE_CHECKING:
-    import torch
 
     from .pipeline import Segmenter
 
@@ -380,7 +389,7 @@ def _error_text(exc: BaseException, path: Path) -> str:
     """An exception as a one-line reason, without the path prefix our own errors carry."""
     text = str(exc) or type(exc).__name__
     prefix = f"{path}: "
-    text = text[len(prefix):] if text.startswith(prefix) else text
+    text = text.removeprefix(prefix)
     return " ".join(text.split())
 
 
@@ -466,7 +475,7 @@ class BatchRun:
         decode_workers: int | None = None,
         write_workers: int = 2,
         net_threads: int | None = None,
-        crf_nice: int = 10,
+        crf_nice: int | None = None,
         keep_images: bool = False,
         keep_probs: bool = False,
         keep_crf_probs: bool = False,
@@ -481,7 +490,9 @@ class BatchRun:
         self.decode_workers = decode_workers or min(4, cores)
         self.write_workers = max(1, write_workers)
         self.net_threads = net_threads
-        self.crf_nice = crf_nice
+        # On the CPU the network and the CRF share the cores, and equal priority measured best
+        # (benchmarks/batch_pipeline.py); on a GPU the thread feeding the device must win the CPU at once.
+        self.crf_nice = crf_nice if crf_nice is not None else (0 if segmenter.device.type == "cpu" else 10)
         self.keep_images, self.keep_probs, self.keep_crf_probs = keep_images, keep_probs, keep_crf_probs
         self.handle_sigint = handle_sigint
         self.on_interrupt = on_interrupt
@@ -884,7 +895,7 @@ def run_batch(segmenter: Segmenter, jobs: Iterable[Job], **options: Any) -> Batc
     CUDA), crf_workers (CRF processes for the pydensecrf backend, default the core count; 0 runs it on one
     thread here; the torch backend always runs on one thread), decode_workers (default min(4, cores)),
     write_workers (2), net_threads (torch.set_num_threads while running, restored after; None leaves
-    torch's setting), crf_nice (added to the CRF workers' niceness, 10), keep_images / keep_probs /
+    torch's setting), crf_nice (added to the CRF workers' niceness; 0 on CPU, 10 on CUDA), keep_images / keep_probs /
     keep_crf_probs (keep those arrays in the results), handle_sigint (first Ctrl-C stops gracefully,
     True; only in the main thread), on_interrupt (called from the signal handler). Results arrive in
     completion order; failures are results with status 'failed' and a one-line error, never exceptions.
@@ -940,7 +951,24 @@ class _Report:
             self._file.write(json.dumps(result.report_record(), ensure_ascii=False) + "\n")
 
     def close(self) -> None:
-        self._stack.close()  # kept even after an abort: it is the record of what was done
+        with _interrupts_deferred():  # a Ctrl-C now would delete the temporary file instead of renaming it
+            self._stack.close()  # kept even after an abort: it is the record of what was done
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold back SIGINT for the block, then deliver it to the previous handler (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(signal.SIGINT, None)
 
 
 def segment_tree(
@@ -982,7 +1010,13 @@ def segment_tree(
 
 def _stream(seg: Segmenter, todo: list[Job], summary: BatchSummary, out: _Report, console: Any, progress: bool,
             options: dict[str, Any]) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     def interrupted() -> None:
         console.print("[yellow]interrupted: finishing the images in flight (Ctrl-C again to abort)[/]")
@@ -1005,6 +1039,20 @@ def _stream(seg: Segmenter, todo: list[Job], summary: BatchSummary, out: _Report
                            failures=f"[red]{len(summary.failed)} failed[/]" if summary.failed else "")
     summary.wall = run.wall
     summary.interrupted = run.interrupted
+
+
+def exit_on_next_interrupt(code: int = 130) -> None:
+    """From now on a Ctrl-C ends the process at once with `code`: for a command whose run is over, so an
+    interrupt during interpreter shutdown gives no traceback (unfinished writes leave only temporary files)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
 
 
 def print_summary(summary: BatchSummary, console: Any = None, max_failures: int = 20) -> None:

@@ -17,7 +17,15 @@ from click.testing import CliRunner
 from PIL import Image
 
 from deeplab_cli.batch import (
-    Job, OutputPaths, check_no_overwrite, discover_inputs, is_complete, output_base_names, plan_jobs, remove_stale_parts, run_batch,
+    Job,
+    OutputPaths,
+    check_no_overwrite,
+    discover_inputs,
+    is_complete,
+    output_base_names,
+    plan_jobs,
+    remove_stale_parts,
+    run_batch,
 )
 from deeplab_cli.cli import main
 from deeplab_cli.errors import UsageError
@@ -118,7 +126,7 @@ def test_tree_end_to_end(tmp_path: Path, tree, weights_file: Path) -> None:
 
 
 def test_rerun_skips_and_recreates_only_a_deleted_output(tmp_path: Path, tree, weights_file: Path) -> None:
-    root, good, bad = tree
+    root, _, bad = tree
     for rel in bad:
         (root / rel).unlink()
     out, report = tmp_path / "masks", tmp_path / "report.jsonl"
@@ -188,7 +196,7 @@ def test_names_mirror_the_tree_for_folders_globs_and_lists(tmp_path: Path, photo
     for rel in ("top.jpg", "a/one.jpg", "a/b/two.png", "a/b/skip.txt"):
         (src / rel).write_bytes(b"x")
     out = tmp_path / "masks"
-    keys = lambda inputs: sorted(str(i.key) for i in inputs)  # noqa: E731
+    keys = lambda inputs: sorted(str(i.key) for i in inputs)
     assert keys(discover_inputs([src])) == ["a/b/two.png", "a/one.jpg", "top.jpg"]
     assert keys(discover_inputs([src], recursive=False)) == ["top.jpg"]
     assert keys(discover_inputs([f"{src}/**/*.jpg"])) == ["a/one.jpg", "top.jpg"]
@@ -241,7 +249,7 @@ def test_output_inside_the_input_tree_and_from_list_stdin(tmp_path: Path, photo:
     res = run(root, "-o", out, "--weights", weights_file, "--report", report, *FAST)
     assert res.exit_code == 0 and len(read_report(report)) == 2  # masks/ was not read back as input
     monkeypatch.chdir(tmp_path)
-    listing = "photos/a.jpg\nphotos/sub/b.png\n".encode()
+    listing = b"photos/a.jpg\nphotos/sub/b.png\n"
     res = run("--from-list", "-", "-o", "listed", "--weights", weights_file, "--no-crf", *FAST, input=listing)
     assert res.exit_code == 0, res.output
     assert Image.open(tmp_path / "listed/photos/sub/b.png").size == (40, 50)
@@ -271,6 +279,9 @@ def test_library_api_results_without_writing(tmp_path: Path, photo: np.ndarray, 
         assert (reference.labels != r.labels).mean() < 0.01
     assert list(tmp_path.iterdir()) == paths or sorted(tmp_path.iterdir()) == sorted(paths)  # nothing written
 
+    same = list(run_batch(seg, [Job(paths[2])], crf_workers=0, keep_crf_probs=True))[0]  # CRF on a thread here
+    np.testing.assert_allclose(same.crf_probs, results[2].crf_probs, atol=1e-5)
+
     seg.crf = None  # no CRF: labels are the network's argmax; the CRF stage is absent
     results = list(run_batch(seg, [Job(paths[2])], crf_workers=0))
     assert results[0].labels_after_crf is None and results[0].labels.shape == (66, 41)
@@ -287,7 +298,7 @@ def test_a_dying_crf_worker_fails_only_its_images(tmp_path: Path, photo: np.ndar
     results = []
     for result in run_:
         if not results:
-            for pid in list(run_._crf_pool._processes):  # noqa: SLF001 - the test plays the OOM killer
+            for pid in list(run_._crf_pool._processes):
                 os.kill(pid, signal.SIGKILL)
         results.append(result)
     assert sorted(r.job.path for r in results) == paths
@@ -297,9 +308,8 @@ def test_a_dying_crf_worker_fails_only_its_images(tmp_path: Path, photo: np.ndar
 
 
 def test_stale_temporary_files_are_removed(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError):
-        with atomic_path(tmp_path / "m.png") as tmp:
-            raise RuntimeError
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "m.png") as tmp:
+        raise RuntimeError
     tmp.write_bytes(b"half a PNG")  # what a SIGKILL would have left: the cleanup never ran
     (tmp_path / ".keep.part").write_bytes(b"")  # not one of ours: left alone
     assert remove_stale_parts([tmp_path]) == 1
@@ -364,10 +374,14 @@ def test_interrupted_run_leaves_whole_files_and_resumes(tmp_path: Path, many, we
     _, err = proc.communicate(timeout=60)  # also: no orphaned worker keeps stderr open after a SIGKILL
     written = _check_outputs_whole(root, out)
     if how.startswith("SIGINT"):
-        assert proc.returncode == 130, err.decode()
+        # A Ctrl-C landing in interpreter finalization (Python has reset SIGINT to its default by then) ends
+        # the process by the signal itself; a shell reports both as status 130.
+        assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, err.decode()[-2000:])
         assert "interrupted" in err.decode() and "Traceback" not in err.decode()
         records = read_report(report)  # the report covers what was done before the interrupt
-        assert {r["status"] for r in records.values()} == {"done"} and len(records) == written
+        assert {r["status"] for r in records.values()} == {"done"}
+        # An abort may leave a mask whose result was never reported: whole, so it is skipped next time.
+        assert len(records) == written if how == "SIGINT" else len(records) <= written
     if how == "SIGINT":
         assert "not started" in err.decode()  # the summary was printed
         assert not list(out.rglob(".*.part"))  # finished cleanly: no temporary files either
