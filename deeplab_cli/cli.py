@@ -24,7 +24,7 @@ def stderr_console():
     """A rich console on stderr (progress, logs, tables meant for people)."""
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)  # a long path stays on one line
 
 
 def fail(message: str, code: int) -> None:
@@ -32,8 +32,21 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+class OneLineErrorsCommand(click.Command):
+    """A command whose bad options (wrong type, unknown option) give one line and exit 2, like DeeplabError."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise UsageError(exc.format_message()) from None
+
+
 class DeeplabGroup(click.Group):
     """Turns user errors into one line on stderr with the right exit code, never a traceback."""
+
+    command_class = OneLineErrorsCommand
+    group_class = type  # subgroups (`weights`) behave the same
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -45,16 +58,6 @@ class DeeplabGroup(click.Group):
             sys.exit(130)
         except BrokenPipeError:
             sys.exit(1)
-
-
-class OneLineErrorsCommand(click.Command):
-    """A command whose bad options (wrong type, unknown option) give one line and exit 2, like DeeplabError."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as exc:
-            raise UsageError(exc.format_message()) from None
 
 
 @click.group(cls=DeeplabGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -188,7 +191,7 @@ def segment(image: str, output: str, overlay: str | None, save_probs: str | None
     write_mask(output, result.labels)
 
 
-@main.command(cls=OneLineErrorsCommand)
+@main.command()
 @click.argument("inputs", nargs=-1, metavar="[FOLDER|GLOB|IMAGE]...")
 @click.option("-o", "--output", required=True, metavar="DIR", help="Output folder; the input tree is mirrored in it.")
 @click.option("--from-list", metavar="FILE|-", default=None,
@@ -199,15 +202,10 @@ def segment(image: str, output: str, overlay: str | None, save_probs: str | None
 @click.option("--save-probs", is_flag=True, help="Also write NAME.probs.npy: (C, H, W) float32 probabilities before the CRF.")
 @click.option("--report", metavar="FILE.jsonl", default=None,
               help="Write one JSON line per input: path, output, status, error, timings.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Images of one padded size per network call [1 on CPU, 8 on CUDA].")
-@click.option("--crf-workers", type=click.IntRange(min=0), default=None,
-              help="CRF worker processes [core count]; 0 runs the CRF on one thread in this process.")
-@click.option("--net-threads", type=click.IntRange(min=1), default=None,
-              help="torch threads for the network [torch's default: the core count].")
 @click.option("--no-progress", is_flag=True, help="No live progress bar (the summary is still printed).")
 @model_options
 @crf_options
+@pipeline_options
 def batch(inputs: tuple[str, ...], output: str, from_list: str | None, recursive: bool, overwrite: bool, overlay: bool,
           save_probs: bool, report: str | None, batch_size: int | None, crf_workers: int | None,
           net_threads: int | None, no_progress: bool, **opts: Any) -> None:
@@ -216,26 +214,34 @@ def batch(inputs: tuple[str, ...], output: str, from_list: str | None, recursive
     Resumable: outputs already complete are skipped. Exit code 0 when all succeeded, 1 when any image
     failed (listed in the summary and --report), 130 when interrupted (Ctrl-C finishes the images in flight).
     """
-    from .batch import check_output_dir, discover_inputs, plan_jobs, print_summary, segment_tree
+    from .batch import (
+        check_output_dir, discover_inputs, exit_on_next_interrupt, plan_jobs, print_summary, segment_tree,
+    )
 
     if not inputs and from_list is None:
         raise UsageError("give input folders, globs or images, or --from-list FILE")
     console = stderr_console()
     check_output_dir(output, inputs)
-    warn = lambda message: console.print(f"deeplab: {message}", markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+
+    def warn(message: str) -> None:
+        console.print(f"deeplab: {message}", markup=False, highlight=False, soft_wrap=True)
+
     found = discover_inputs(inputs, recursive=recursive, from_list=from_list, exclude=output, warn=warn)
     jobs = plan_jobs(found, output, overlay=overlay, save_probs=save_probs)
     if not jobs:
         warn("no images found")
-    summary = segment_tree(
-        jobs, lambda: segmenter_from(opts), overwrite=overwrite, report=report, console=console,
-        progress=not no_progress, batch_size=batch_size, crf_workers=crf_workers, net_threads=net_threads,
-    )
+    try:
+        summary = segment_tree(
+            jobs, lambda: segmenter_from(opts), overwrite=overwrite, report=report, console=console,
+            progress=not no_progress, batch_size=batch_size, crf_workers=crf_workers, net_threads=net_threads,
+        )
+    finally:
+        exit_on_next_interrupt(130)  # the run is over (or aborted): another Ctrl-C just ends the process
     print_summary(summary, console)
     sys.exit(summary.exit_code)
 
 
-@main.command(cls=OneLineErrorsCommand)
+@main.command()
 @click.argument("root", required=False, metavar="[VOC_ROOT]")
 @click.option("--split", default="val", show_default=True, help="ImageSets/Segmentation/<split>.txt of a VOC root.")
 @click.option("--images", "images_dir", metavar="DIR", default=None,
@@ -294,7 +300,7 @@ def evaluate(root: str | None, split: str, images_dir: str | None, labels_dir: s
         fail(f"{len(result.problems)} of {result.total} images could not be scored (listed above)", 1)
 
 
-@main.command(cls=OneLineErrorsCommand)
+@main.command()
 @click.argument("image", metavar="IMAGE|IMAGES_DIR")
 @click.argument("source", metavar="PROBS|PROBS_DIR")
 @click.option("-o", "--output", required=True, metavar="OUT.png|OUT_DIR",
@@ -453,7 +459,7 @@ def weights_info(file: str, as_json: bool) -> None:
             click.echo(f"{key}: {f'{value:,}' if key in ('parameters', 'size') else value}")
 
 
-@main.command(cls=OneLineErrorsCommand)
+@main.command()
 @click.option("--fps", is_flag=True, help="Time every stage of the pipeline (the default unless only --compare is given).")
 @click.option("--compare", is_flag=True, help="Time the available CRF backends side by side on the same input.")
 @click.option("--size", default="513x513", show_default=True, metavar="HxW",
