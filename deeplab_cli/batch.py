@@ -20,10 +20,10 @@ untouched (a ground-truth path, a sample id).
 Pipeline (each arrow a bounded queue, so memory stays flat however many files there are):
   read + decode on a thread pool → group images of one padded size into batches of `batch_size`
   → network + 8× upsampling + softmax on the segmenter's device (one thread; torch.set_num_threads(net_threads))
-  → CRF on a pool of worker processes (pydensecrf is single-threaded C++ and holds the GIL; 'forkserver' or
-    'spawn' processes stay clear of torch's threads; on a GPU machine they run at a lower priority,
-    `crf_nice`, so the thread feeding the device is never kept waiting for a core)
-    or, for the torch CRF backend, on one thread on the device
+  → CRF on a pool of worker processes, each single-threaded (pydensecrf holds the GIL; the torch backend
+    runs there with one thread on the CPU; 'forkserver' or 'spawn' processes stay clear of torch's
+    threads; on a GPU machine they run at a lower priority, `crf_nice`, so the thread feeding the device
+    is never kept waiting for a core) or, for the torch CRF backend on CUDA, on one thread on the device
   → encode + atomic write on a thread pool → the consumer.
 Per-image seconds per stage land in `ImageResult.timings` (STAGES). A batch's network and upsampling time
 is shared equally among its images.
@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .crf import CRFParams, dense_crf_pydensecrf
+from .crf import CRFParams, dense_crf, dense_crf_pydensecrf
 from .errors import DeeplabError, UsageError
 from .io import (
     IMAGE_EXTENSIONS,
@@ -420,11 +420,17 @@ def _crf_noop() -> None:
     """Submitted once per worker at start-up so the processes exist before the first CRF is due."""
 
 
-def _crf_task(image: np.ndarray, probs: np.ndarray, params: CRFParams, keep_probs: bool
+def _crf_task(image: np.ndarray, probs: np.ndarray, params: CRFParams, keep_probs: bool, backend: str = "pydensecrf"
               ) -> tuple[np.ndarray, np.ndarray | None, float]:
-    """pydensecrf in a worker: image (H, W, 3) uint8, probs (C, H, W) → (labels (H, W) uint8, Q or None, seconds)."""
+    """The CRF in a worker: image (H, W, 3) uint8, probs (C, H, W) → (labels (H, W) uint8, Q or None, seconds)."""
     t0 = time.perf_counter()
-    q = dense_crf_pydensecrf(image, probs, params)
+    if backend == "pydensecrf":
+        q = dense_crf_pydensecrf(image, probs, params)
+    else:
+        import torch  # imported by the worker on its first torch task only
+
+        torch.set_num_threads(1)  # one core per worker: the pool, not torch's threads, uses the cores
+        q = dense_crf(image, probs, params, backend="torch", device="cpu")
     labels = q.argmax(axis=0).astype(np.uint8)
     return labels, (q if keep_probs else None), time.perf_counter() - t0
 
@@ -773,7 +779,8 @@ class BatchRun:
 
     @property
     def _crf_on_device(self) -> bool:
-        return self.segmenter.crf is not None and self.segmenter.crf_backend != "pydensecrf"
+        seg = self.segmenter
+        return seg.crf is not None and seg.crf_backend == "torch" and seg.device.type == "cuda"
 
     def _start_crf_pool(self) -> None:
         seg = self.segmenter
@@ -807,7 +814,8 @@ class BatchRun:
                 if self._crf_in_process:
                     future = pool.submit(self._crf_here, item)
                 else:
-                    future = pool.submit(_crf_task, item.image, item.probs, seg.crf, self.keep_crf_probs)
+                    future = pool.submit(_crf_task, item.image, item.probs, seg.crf, self.keep_crf_probs,
+                                         seg.crf_backend)
             except BrokenProcessPool:
                 self._forget_pool(pool)
                 continue

@@ -6,7 +6,6 @@ Progress, logs and the device in use go to stderr; stdout carries only data (`-o
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -104,7 +103,7 @@ crf_options = _stack(
     click.option("--pos-w", type=float, default=None, help="Gaussian kernel weight w2 [3]."),
     click.option("--pos-xy", type=float, default=None, help="Gaussian σγ, pixels [3]."),
     click.option("--crf-backend", type=click.Choice(["auto", "pydensecrf", "torch"]), default="auto", show_default=True,
-                 help="CRF implementation (auto: torch on CUDA, pydensecrf on CPU)."),
+                 help="CRF implementation (auto: torch; pydensecrf for CPU worker pools in batch/evaluate)."),
 )
 
 
@@ -135,17 +134,22 @@ def crf_params_from(opts: dict[str, Any]):
         raise UsageError(str(exc)) from None
 
 
-def segmenter_from(opts: dict[str, Any], log: bool = True):
-    """Build the Segmenter that the shared model and CRF options describe, saying on stderr what it uses."""
+def segmenter_from(opts: dict[str, Any], log: bool = True, in_pool: bool = False):
+    """Build the Segmenter that the shared model and CRF options describe, saying on stderr what it uses.
+
+    in_pool: the CRF will run in worker processes (batch, evaluate), which decides what 'auto' picks on the CPU.
+    """
+    from .crf import resolve_backend
     from .palette import load_class_names
-    from .pipeline import Segmenter
+    from .pipeline import Segmenter, select_device
     from .weights import load_weights, resolve_weights
 
     weights = load_weights(resolve_weights(opts.get("weights")), arch=opts.get("arch"))
     names = load_class_names(opts.get("classes_file"), weights.num_classes) if opts.get("classes_file") else None
+    device = select_device(opts.get("device", "auto"))
     seg = Segmenter.from_weights(
-        weights, device=opts.get("device", "auto"), precision=opts.get("precision"), pad_to=opts.get("pad_to"),
-        crf=crf_params_from(opts), crf_backend=opts.get("crf_backend", "auto"), class_names=names,
+        weights, device=device, precision=opts.get("precision"), pad_to=opts.get("pad_to"), crf=crf_params_from(opts),
+        crf_backend=resolve_backend(opts.get("crf_backend", "auto"), str(device), in_pool), class_names=names,
     )
     if log:
         crf = f"CRF {seg.crf_backend}" if seg.crf else "no CRF"
@@ -232,7 +236,7 @@ def batch(inputs: tuple[str, ...], output: str, from_list: str | None, recursive
         warn("no images found")
     try:
         summary = segment_tree(
-            jobs, lambda: segmenter_from(opts), overwrite=overwrite, report=report, console=console,
+            jobs, lambda: segmenter_from(opts, in_pool=True), overwrite=overwrite, report=report, console=console,
             progress=not no_progress, batch_size=batch_size, crf_workers=crf_workers, net_threads=net_threads,
         )
     finally:
@@ -278,7 +282,7 @@ def evaluate(root: str | None, split: str, images_dir: str | None, labels_dir: s
     if not dataset.samples:
         raise UsageError(f"no labelled images found in {', '.join(str(v) for v in dataset.source.values())}")
     console = stderr_console()
-    seg = segmenter_from(opts)
+    seg = segmenter_from(opts, in_pool=True)
     result = evaluate_with_progress(seg, dataset, CRF_CHOICES[crf_mode], limit, None if no_progress else console,
                                     batch_size=batch_size, crf_workers=crf_workers, net_threads=net_threads)
     for problem in result.problems:
@@ -328,7 +332,7 @@ def refine(image: str, source: str, output: str, overlay: str | None, save_probs
     """
     from .refine import RefineOptions, crf_runtime, refine_file, refine_folder
 
-    backend, crf_device = crf_runtime(opts.get("crf_backend", "auto"), device)
+    backend, crf_device = crf_runtime(opts.get("crf_backend", "auto"), device, in_pool=Path(image).is_dir())
     options = RefineOptions(
         params=crf_params_from(opts), backend=backend, device=crf_device, logits=logits, labels_in=labels_in,
         confidence=confidence, num_classes=num_classes,

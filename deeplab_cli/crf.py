@@ -100,10 +100,15 @@ def dense_crf(
     return q.cpu().numpy()
 
 
-def resolve_backend(backend: str, device: str = "cpu") -> str:
-    """'auto' → torch on CUDA, pydensecrf on the CPU (the faster there as measured by `deeplab benchmark --compare`)."""
+def resolve_backend(backend: str, device: str = "cpu", in_pool: bool = False) -> str:
+    """Resolve 'auto': torch on CUDA, and for a lone CRF on the CPU; pydensecrf for CRFs in CPU worker pools.
+
+    Measured on the 2-core CPU: alone, torch is 1.8× faster than pydensecrf (`deeplab benchmark --compare`,
+    513×513, it uses both cores); in `batch`'s single-threaded worker processes, pydensecrf took a third
+    of torch's CPU time per image (small photos, where torch's lattice set-up and import dominate).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown CRF backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    return "torch" if str(device).startswith("cuda") else "pydensecrf"
+    return "pydensecrf" if in_pool and not str(device).startswith("cuda") else "torch"

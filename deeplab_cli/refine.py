@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -361,17 +360,15 @@ def refine_folder(
     return result
 
 
-def crf_runtime(backend: str, device: str) -> tuple[str, str]:
-    """Resolve (backend, device) for the CRF; torch (seconds to import) only when the torch backend may be chosen."""
-    spec = (device or "auto").strip().lower()
-    # 'auto' picks pydensecrf on the CPU; a Linux machine without the NVIDIA driver's device node has no CUDA.
-    no_cuda = spec == "cpu" or (spec == "auto" and sys.platform == "linux" and not os.path.exists("/dev/nvidiactl"))
-    if backend == "pydensecrf" or (backend == "auto" and no_cuda):
-        return "pydensecrf", "cpu"
+def crf_runtime(backend: str, device: str, in_pool: bool = False) -> tuple[str, str]:
+    """Resolve (backend, device) for the CRF (in_pool: folders, run by CRF worker processes)."""
+    if backend == "auto" and in_pool and (device or "auto").strip().lower() == "cpu":
+        return "pydensecrf", "cpu"  # no torch import (seconds) where it would not be used
     from .pipeline import select_device
 
     resolved = str(select_device(device))
     try:
-        return resolve_backend(backend, resolved), resolved
+        backend = resolve_backend(backend, resolved, in_pool)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    return backend, resolved if backend == "torch" else "cpu"

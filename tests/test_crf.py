@@ -84,5 +84,9 @@ def test_parameter_validation_and_backends() -> None:
         CRFParams(bi_xy=0).validate()
     assert CRFParams().with_overrides(bi_w=7, bi_xy=None).bi_w == 7
     assert resolve_backend("auto", "cuda:0") == "torch"
+    assert resolve_backend("auto", "cpu") == "torch"  # alone on the CPU, the faster
+    assert resolve_backend("auto", "cpu", in_pool=True) == "pydensecrf"  # in single-threaded worker processes
+    assert resolve_backend("auto", "cuda", in_pool=True) == "torch"
+    assert resolve_backend("pydensecrf", "cuda") == "pydensecrf"
     with pytest.raises(ValueError, match="backend"):
         resolve_backend("gpu")
