@@ -435,7 +435,7 @@ def _crf_task(image: np.ndarray, probs: np.ndarray, params: CRFParams, keep_prob
     return labels, (q if keep_probs else None), time.perf_counter() - t0
 
 
-def _mp_context() -> multiprocessing.context.BaseContext:
+def mp_context() -> multiprocessing.context.BaseContext:
     """'forkserver' where available (no fork of a process running torch threads), else 'spawn'."""
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
@@ -791,7 +791,7 @@ class BatchRun:
             self._crf_pool = ThreadPoolExecutor(1, thread_name_prefix="deeplab-crf")
             return
         self._crf_in_process = False
-        ctx = _mp_context()
+        ctx = mp_context()
         if self._lifeline is None:
             self._lifeline = ctx.Pipe(duplex=False)  # (read end for the workers, write end held here)
         pool = ProcessPoolExecutor(self.crf_workers, mp_context=ctx, initializer=_crf_worker_init,

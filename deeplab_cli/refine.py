@@ -301,9 +301,9 @@ def iter_refine_folder(
         for task in tasks:
             yield task[0], task[2], refine_pair(*task)
         return
-    from .batch import _mp_context  # the start method `deeplab batch` uses for its CRF processes
+    from .batch import mp_context  # the start method `deeplab batch` uses for its CRF processes
 
-    with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=_mp_context(), initializer=_ignore_sigint) as pool:
+    with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=mp_context(), initializer=_ignore_sigint) as pool:
         futures = {pool.submit(refine_pair, *task): task for task in tasks}
         try:
             for future in as_completed(futures):
