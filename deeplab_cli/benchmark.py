@@ -65,7 +65,7 @@ class BenchmarkOptions:
     warmup: int = 1
     device: str = "auto"
     precision: str | None = None  # None: the pipeline's default for the device
-    channels_last: bool = False
+    channels_last: bool = True  # as Segmenter does by default
     arch: str | None = None  # None: the weights file's, else largefov
     weights: str | os.PathLike | None = None  # None: random weights of the real architecture
     classes_file: str | os.PathLike | None = None

@@ -473,7 +473,8 @@ def weights_info(file: str, as_json: bool) -> None:
 @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs first.")
 @click.option("--images", "images_dir", metavar="DIR", default=None,
               help="Decode these images (then resized to --size, untimed) instead of generated ones.")
-@click.option("--channels-last", is_flag=True, help="Run the network in channels_last memory format.")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+              help="Run the network in channels_last memory format (segment and batch do).")
 @click.option("--variants/--no-variants", default=True, show_default=True,
               help="Also time every precision / memory format of the device and its argmax agreement with fp32.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object on stdout (keys: README).")
