@@ -751,21 +751,16 @@ class BatchRun:
     def _network(self, items: list[_Item]) -> None:
         import torch
 
-        from .transforms import preprocess, scores_to_probs, to_tensor, upsample_scores
-
         seg = self.segmenter
         sync = torch.cuda.synchronize if seg.device.type == "cuda" else (lambda *a: None)
         needs_probs = seg.crf is not None or self.keep_probs or any(i.job.outputs and i.job.outputs.probs for i in items)
         with torch.inference_mode():
             t0 = time.perf_counter()
-            x = torch.cat([preprocess(to_tensor(item.image, seg.device)[None], item.size) for item in items])
-            scores = seg.scores(x)
+            scores = seg.scores(seg.prepare([item.image for item in items], items[0].size))
             sync(seg.device)
             t1 = time.perf_counter()
-            up = upsample_scores(scores, seg.arch)
-            for i, item in enumerate(items):
-                h, w = item.image.shape[:2]
-                probs = scores_to_probs(up[i], h, w)
+            all_probs = seg.probs_from_scores(scores, [item.image.shape[:2] for item in items])
+            for item, probs in zip(items, all_probs):
                 item.labels_before_crf = probs.argmax(0).to(torch.uint8).cpu().numpy()
                 item.probs = probs.cpu().numpy() if needs_probs else None
             sync(seg.device)

@@ -31,7 +31,6 @@ from .io import decode_image, encode_mask_png, is_image_path, read_bytes
 from .model import ARCHS, DeepLab
 from .palette import load_class_names
 from .pipeline import PRECISIONS, Segmenter, select_device
-from .transforms import preprocess, scores_to_probs, to_tensor, upsample_scores
 from .weights import (
     WEIGHTS_ENV,
     build_model,
@@ -395,13 +394,7 @@ def environment(opts: BenchmarkOptions, device: torch.device, seg: Segmenter, we
 
 def probs_of(seg: Segmenter, scores: torch.Tensor, heights_widths: Sequence[tuple[int, int]]) -> list[np.ndarray]:
     """fc8 scores (N, C, h, w) → per image (C, H, W) float32 softmax probabilities on the host."""
-    up = upsample_scores(scores, seg.arch)
-    return [scores_to_probs(up[i], h, w).cpu().numpy() for i, (h, w) in enumerate(heights_widths)]
-
-
-def to_batch(seg: Segmenter, images: Sequence[np.ndarray], input_size: tuple[int, int]) -> torch.Tensor:
-    """(H, W, 3) uint8 images → the preprocessed (N, 3, H', W') float32 batch on the device."""
-    return torch.cat([preprocess(to_tensor(im, seg.device)[None], input_size) for im in images])
+    return [p.cpu().numpy() for p in seg.probs_from_scores(scores, heights_widths)]
 
 
 def decode_all(files: Sequence[tuple[str, bytes]]) -> list[np.ndarray]:
@@ -432,7 +425,7 @@ def time_pipeline(seg: Segmenter, source: ImageSource, opts: BenchmarkOptions, c
         batch = source.batch(run, opts.batch_size)
         decoded, t["decode"] = clock.time(decode_all, batch)
         images = [fit_image(im, opts.size) for im in decoded]  # untimed: the real pipeline does not resize
-        x, t["preprocess"] = clock.time(to_batch, seg, images, input_size)
+        x, t["preprocess"] = clock.time(seg.prepare, images, input_size)
         scores, t["network"] = clock.time(seg.scores, x)
         probs, t["upsample"] = clock.time(probs_of, seg, scores, [im.shape[:2] for im in images])
         if seg.crf is not None:
@@ -460,7 +453,7 @@ def time_variants(model: DeepLab, device: torch.device, images: Sequence[np.ndar
     hw = [im.shape[:2] for im in images]
     for precision, channels_last in variants_for(device):
         seg = make_segmenter(model, device, precision, channels_last, opts)
-        x = to_batch(seg, images, seg.input_size(*opts.size))
+        x = seg.prepare(images, seg.input_size(*opts.size))
         for _ in range(opts.warmup):
             seg.scores(x)
         seconds = []
@@ -591,7 +584,7 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
     if opts.compare:
         with torch.inference_mode():
             probe = make_segmenter(model, device, opts.precision, False, opts)
-            probs = probs_of(probe, probe.scores(to_batch(probe, images[:1], input_size)), [images[0].shape[:2]])[0]
+            probs = probs_of(probe, probe.scores(probe.prepare(images[:1], input_size)), [images[0].shape[:2]])[0]
         report["crf_compare"] = compare_crf(images[0], probs, opts.crf, device, opts, clock, status, log)
     return report
 

@@ -130,10 +130,17 @@ class Segmenter:
         sizes = {self.input_size(*im.shape[:2]) for im in images}
         if len(sizes) != 1:
             raise ValueError(f"a batch must share one padded size, got {sorted(sizes)}")
-        size = sizes.pop()
-        batch = torch.cat([preprocess(to_tensor(im, self.device)[None], size) for im in images])
-        up = upsample_scores(self.scores(batch), self.arch)
-        return [scores_to_probs(up[i], im.shape[0], im.shape[1]) for i, im in enumerate(images)]
+        scores = self.scores(self.prepare(images, sizes.pop()))
+        return self.probs_from_scores(scores, [im.shape[:2] for im in images])
+
+    def prepare(self, images: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
+        """Images (H, W, 3) uint8 RGB → the preprocessed batch (N, 3, *size) float32 on the device."""
+        return torch.cat([preprocess(to_tensor(im, self.device)[None], size) for im in images])
+
+    def probs_from_scores(self, scores: torch.Tensor, shapes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        """fc8 scores (N, C, h, w) → ×8 upsampled softmax probabilities [(C, H, W) float32] cropped to each (H, W)."""
+        up = upsample_scores(scores, self.arch)
+        return [scores_to_probs(up[i], h, w) for i, (h, w) in enumerate(shapes)]
 
     def predict_probs(self, image: np.ndarray) -> np.ndarray:
         """image (H, W, 3) uint8 RGB → softmax probabilities (C, H, W) float32 at input resolution, before the CRF."""
