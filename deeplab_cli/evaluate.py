@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import DeeplabError, UsageError
-from .io import IMAGE_EXTENSIONS, read_label_image
+from .io import IMAGE_EXTENSIONS, index_by_stem, read_label_image
 from .palette import VOID
 
 if TYPE_CHECKING:
@@ -112,23 +112,14 @@ def voc_dataset(root: str | os.PathLike, split: str = "val") -> Dataset:
     return dataset
 
 
-def _index(folder: Path, suffixes: frozenset[str]) -> dict[str, list[Path]]:
-    # Keyed by the path relative to the folder without its suffix: photos/a/x.jpg ↔ labels/a/x.png.
-    index: dict[str, list[Path]] = {}
-    for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() in suffixes and not path.name.startswith(".") and path.is_file():
-            index.setdefault(path.relative_to(folder).with_suffix("").as_posix(), []).append(path)
-    return index
-
-
 def folder_dataset(images_dir: str | os.PathLike, labels_dir: str | os.PathLike) -> Dataset:
     """Any two folders (searched recursively), images matched to label images by relative path without suffix."""
     images_dir, labels_dir = Path(images_dir), Path(labels_dir)
     for folder, option in ((images_dir, "--images"), (labels_dir, "--labels")):
         if not folder.is_dir():
             raise UsageError(f"{folder}: no such directory ({option})")
-    images = _index(images_dir, IMAGE_EXTENSIONS)
-    labels = _index(labels_dir, IMAGE_EXTENSIONS)
+    images = index_by_stem(images_dir, IMAGE_EXTENSIONS)
+    labels = index_by_stem(labels_dir, IMAGE_EXTENSIONS)
     dataset = Dataset([], source={"layout": "folders", "images": str(images_dir), "labels": str(labels_dir)})
     for key in sorted(images.keys() | labels.keys()):
         ims, labs = images.get(key, []), labels.get(key, [])

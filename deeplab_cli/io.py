@@ -33,6 +33,17 @@ def is_image_path(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def index_by_stem(folder: str | os.PathLike, suffixes: frozenset[str]) -> dict[str, list[Path]]:
+    """Files under folder (recursively, hidden ones skipped) with one of the suffixes, keyed by relative path
+    without suffix ('a/b'), so that two folders can be matched: photos/a/x.jpg ↔ labels/a/x.png."""
+    root = Path(folder)
+    index: dict[str, list[Path]] = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() in suffixes and not path.name.startswith(".") and path.is_file():
+            index.setdefault(path.relative_to(root).with_suffix("").as_posix(), []).append(path)
+    return index
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""

@@ -29,7 +29,7 @@ import numpy as np
 from .crf import CRFParams, dense_crf, resolve_backend
 from .errors import DeeplabError, UsageError
 from .io import (
-    IMAGE_EXTENSIONS, overlay_image, read_image, read_label_image, read_probs, write_image, write_mask, write_probs,
+    IMAGE_EXTENSIONS, index_by_stem, overlay_image, read_image, read_label_image, read_probs, write_image, write_mask, write_probs,
 )
 from .palette import VOID
 
@@ -224,16 +224,6 @@ class FolderPlan:
     images_without_source: list[Path] = field(default_factory=list)
     sources_without_image: list[Path] = field(default_factory=list)
     ambiguous: list[tuple[str, list[Path]]] = field(default_factory=list)  # one key, several files
-
-
-def index_by_stem(folder: str | os.PathLike, suffixes: frozenset[str]) -> dict[str, list[Path]]:
-    """Files under folder (recursively) with one of the suffixes, keyed by relative path without suffix ('a/b')."""
-    root = Path(folder)
-    index: dict[str, list[Path]] = {}
-    for path in sorted(root.rglob("*")):
-        if path.suffix.lower() in suffixes and path.is_file() and not path.name.startswith("."):
-            index.setdefault(path.relative_to(root).with_suffix("").as_posix(), []).append(path)
-    return index
 
 
 def match_folders(
