@@ -9,22 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from deeplab_cli.model import DeepLab
+from deeplab_cli.benchmark import random_model
 from deeplab_cli.weights import save_weights
 
 
 def random_state_dict(arch: str = "largefov", num_classes: int = 21, seed: int = 0) -> dict[str, torch.Tensor]:
     """He-initialised weights with small random biases: activations stay in a sane range through all layers."""
-    gen = torch.Generator().manual_seed(seed)
-    model = DeepLab(arch, num_classes)
-    sd = {}
-    for key, value in model.state_dict().items():
-        if key.endswith("weight"):
-            fan_in = value[0].numel()
-            sd[key] = torch.randn(value.shape, generator=gen) * (2.0 / fan_in) ** 0.5
-        else:
-            sd[key] = torch.randn(value.shape, generator=gen) * 0.1
-    return sd
+    return random_model(arch, num_classes, seed).state_dict()
 
 
 @pytest.fixture(scope="session")
