@@ -3,32 +3,40 @@
 The Gaussian filters run on a permutohedral lattice (Adams et al. 2010) built as `permutohedral.cpp`
 builds it, float32 operation by operation: same elevation and scale factors, same rounding to the
 enclosing simplex (ties to even, pydensecrf's rank and tie rule), same barycentric weights, same blur
-((½, 1, ½) along each of the d+1 directions in turn, absent neighbours counting 0), same slice factor
+(v + ½(n₋ + n₊) along each of the d+1 directions in turn, absent neighbours counting 0), same slice factor
 α = 1/(1+2⁻ᵈ), even the lattice points pydensecrf's SSE code creates for the zero-feature padding of
-its last block of 4 pixels. Deduplication sorts packed integer keys (no hash table); blur neighbours
-are found by binary search in the sorted keys. Splat, blur and slice are weighted gathers
-(`embedding_bag`: on the CPU 2–3× faster than sparse matrix products and far faster than index_add_),
-vectorised over labels, with no Python loop over pixels or lattice points and no host round trip in
-the iterations. Mean field follows `DenseCRF::inference`: Q₀ = softmax(−U), then per iteration
-Q = softmax(−U + Σₖ wₖ·nₖ∘Kₖ(nₖ∘Q)) over the Gaussian and bilateral Potts kernels, with symmetric
-normalisation nₖ = 1/√(Kₖ·1) (K includes each pixel's own contribution, as in pydensecrf).
-Several images of any sizes share one lattice per kernel: the image index is part of the key.
+its last block of 4 pixels. A vertex is keyed by its remainder r and its 0-coloured lattice point in
+units of d+1, packed in mixed radix (int32 for usual images and σ); deduplication is one stable sort of
+these keys (no hash table), blur neighbours are found by binary search in the sorted keys. Splat, blur
+and slice are weighted gathers (`embedding_bag`: on the CPU 2–3× faster than sparse matrix products and
+far faster than index_add_), vectorised over labels, with no Python loop over pixels or lattice points
+and no host round trip in the iterations; blurs gather only the neighbours that exist (about half of
+them in the bilateral lattice). Mean field follows `DenseCRF::inference`: Q₀ = softmax(−U), then per
+iteration Q = softmax(−U + Σₖ wₖ·nₖ∘Kₖ(nₖ∘Q)) over the Gaussian and bilateral Potts kernels, with
+symmetric normalisation nₖ = 1/√(Kₖ·1) (K includes each pixel's own contribution, as in pydensecrf).
+The softmax runs in base 2 (log₂e is folded into the slice weights; exp2 is ~3× faster than exp on the
+CPU) and subtracts a per-pixel bound computed once instead of each iteration's row maximum: the
+messages of a pixel sum to the same Σₖ wₖ·nₖ∘Kₖ(nₖ) whatever Q is, so max log₂p + that sum bounds the
+logits from above, within 2^100 of their maximum (else, or for negative weights, the exact row maximum is
+subtracted each iteration). The position-only (Gaussian) kernel depends only on the image sizes and σ:
+it is cached per process (CACHE_BYTES). Several images of any sizes share one lattice per kernel: the
+image index is part of the key.
 
 Memory (float32; N pixels, C labels, m lattice points per kernel, m ≤ (d+1)·N): mean field keeps four
-(N, C) tensors; each kernel's splat and slice lists take 8·(d+1)·N bytes, its blur 4·(3d+4)·m bytes;
-filtering a chunk of c labels needs ≈ 4·c·(3·Σ(m+1) + 2N) bytes, and labels are chunked (exactly:
-they are filtered independently) so that this stays under CHUNK_BYTES (2 GiB). For 2048×1024 with
-21 labels (N = 2.1 M): four (N, 21) tensors 0.7 GB, splat/slice lists 0.3 GB, blurs 1.4 GB in the
-worst case m = (d+1)·N (0.03 GB measured), filtering ≤ 2 GB: under 5 GB in the worst case. Measured
-on the astronaut photo with LargeFOV parameters (m = 270 k Gaussian, 254 k bilateral): peak memory
-grows by 1.4 GB during the call, 12 s on one CPU thread. Larger images do not fail for lack of
-buffer memory: only the label chunk shrinks (down to one label per pass); what remains grows
-linearly: 16·C·N + 72·N bytes plus the blurs.
+(N, C) tensors; each kernel's splat and slice lists take 8·(d+1)·N bytes, its blur ≤ 4·(2d+3)·m bytes;
+filtering a chunk of c labels needs ≈ 4·c·(4·Σm + 2N) bytes, and labels are chunked (exactly: they are
+filtered independently) so that this stays under CHUNK_BYTES (2 GiB). For 2048×1024 with 21 labels
+(N = 2.1 M): four (N, 21) tensors 0.7 GB, splat/slice lists 0.3 GB, blurs ≤ 1 GB in the worst case
+m = (d+1)·N (0.02 GB measured), filtering ≤ 2 GB, a cached Gaussian kernel ≤ CACHE_BYTES: under
+4.5 GB in the worst case. Larger images do not fail for lack of buffer memory: only the label chunk
+shrinks (down to one label per pass); what remains grows linearly: 16·C·N + 72·N bytes plus the blurs.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,7 +47,10 @@ import torch.nn.functional as F
 from .crf import UNARY_CLIP
 
 CHUNK_BYTES = 2 << 30  # cap on the value buffers of one filtering pass (labels are chunked to fit)
+CACHE_BYTES = 256 << 20  # cap on the Gaussian kernels kept for images of sizes seen before
 MAX_KEY = 1 << 62  # packed lattice keys must fit in int64
+LOG2E = 1.4426950408889634  # the mean field works with log₂ probabilities
+SHIFT_RANGE = 100.0  # log₂ units: how far below the precomputed shift a pixel's largest logit may lie
 
 
 def _index_dtype(*sizes: int) -> torch.dtype:
@@ -47,22 +58,33 @@ def _index_dtype(*sizes: int) -> torch.dtype:
     return torch.int32 if max(sizes) < 2**31 - 1 else torch.int64
 
 
-def _bags(index: torch.Tensor, table: torch.Tensor, bounds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _bags(index: torch.Tensor, table: torch.Tensor, bounds: torch.Tensor,
+          weights: torch.Tensor | None = None) -> torch.Tensor:
     """out[b] = Σ_{k ∈ [bounds[b], bounds[b+1])} weights[k]·table[index[k]]: (len(bounds)−1, C); empty bags give 0."""
     return F.embedding_bag(index, table, bounds, mode="sum", per_sample_weights=weights, include_last_offset=True)
 
 
+def _csr_bounds(counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bag sizes (b,) → bag bounds (b+1,): 0, then their running sum."""
+    bounds = torch.zeros(counts.numel() + 1, dtype=dtype, device=counts.device)
+    bounds[1:] = torch.cumsum(counts, 0)
+    return bounds
+
+
 @dataclass
 class LatticeBlur:
-    """Blur of lattice values (m+1, C) by (½, 1, ½) along each of the d+1 lattice directions in turn; row m stays 0."""
+    """Blur of lattice values (m, C): v + ½(n₋ + n₊) along each of the d+1 lattice directions in turn.
 
-    index: torch.Tensor  # (d+1, 3·m) per direction, each vertex's [itself, neighbour −, neighbour +] (m if absent)
-    bounds: torch.Tensor  # (m+2,) 0, 3, …, 3m, 3m: one bag per vertex, then the empty bag of row m
-    weights: torch.Tensor  # (3·m,) float32 1, ½, ½, …
+    Absent neighbours count 0 (as in pydensecrf) and are left out of the gathers. The sum of the two
+    neighbours, then v + ½·sum, is pydensecrf's order of operations.
+    """
+
+    neighbours: list[torch.Tensor]  # per direction: each vertex's present neighbours (−, then +), concatenated
+    bounds: list[torch.Tensor]  # per direction (m+1,): where each vertex's neighbours start
 
     def __call__(self, values: torch.Tensor) -> torch.Tensor:
-        for index in self.index:
-            values = _bags(index, values, self.bounds, self.weights)
+        for index, bounds in zip(self.neighbours, self.bounds):
+            values = torch.add(values, _bags(index, values, bounds), alpha=0.5)
         return values
 
 
@@ -70,12 +92,13 @@ class LatticeBlur:
 class Lattice:
     """A permutohedral lattice over n points with m vertices: the splat, blur and slice maps as weighted index lists.
 
-    Value buffers are (m+1, C); row m, the empty bag, stands for absent blur neighbours and stays zero.
+    The splat lists may hold extra entries of weight 0 (point 0) for vertices that only pydensecrf's padding
+    points create: they exist, take part in the blur, and start at 0.
     """
 
-    splat_points: torch.Tensor  # (n·(d+1),) the point of each (point, vertex) pair, grouped by vertex, points in order
-    splat_weights: torch.Tensor  # (n·(d+1),) float32 its barycentric weight
-    splat_bounds: torch.Tensor  # (m+2,) where each vertex's pairs start (last vertex m: an empty bag)
+    splat_points: torch.Tensor  # (e,) the point of each (point, vertex) pair, grouped by vertex, points in order
+    splat_weights: torch.Tensor  # (e,) float32 its barycentric weight
+    splat_bounds: torch.Tensor  # (m+1,) where each vertex's pairs start
     vertices: torch.Tensor  # (n, d+1) each point's simplex vertices
     barycentric: torch.Tensor  # (n, d+1) float32 its barycentric weights on them
     blur: LatticeBlur
@@ -87,14 +110,14 @@ class Lattice:
 
     @property
     def m(self) -> int:
-        return self.splat_bounds.shape[0] - 2
+        return self.splat_bounds.shape[0] - 1
 
     @property
     def d(self) -> int:
         return self.vertices.shape[1] - 1
 
     def splat(self, values: torch.Tensor) -> torch.Tensor:
-        """values (n, C) → lattice values (m+1, C): each point's value spread on its vertices by barycentric weight."""
+        """values (n, C) → lattice values (m, C): each point's value spread on its vertices by barycentric weight."""
         return _bags(self.splat_points, values, self.splat_bounds, self.splat_weights)
 
     def filter(self, values: torch.Tensor) -> torch.Tensor:
@@ -104,72 +127,103 @@ class Lattice:
         return _bags(self.vertices.reshape(-1), lattice_values, bounds, (self.barycentric * self.alpha).reshape(-1))
 
 
-def _elevate_and_enclose(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """features (n, d) float32 → the enclosing simplex: rem0 (n, d+1) int64, rank (n, d+1) int64, barycentric (n, d+1).
+def _enclosing_simplices(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """features (n, d) float32 → the enclosing simplex, coordinate-major: its 0-coloured vertex in units of d+1
+    (first d coordinates, (d, n) int64), rank (d+1, n) int64 and barycentric weights (d+1, n) float32.
 
     The arithmetic of `Permutohedral::init` (SSE build), float32 operation by operation, so that points
     fall in the same simplices and get the same weights as in pydensecrf.
     """
     n, d = features.shape
-    dev = features.device
-    inv_std_dev = float(np.float32(math.sqrt(2.0 / 3.0) * (d + 1)))
+    d1 = d + 1
+    f = features.t().contiguous()
+    inv_std_dev = float(np.float32(math.sqrt(2.0 / 3.0) * d1))
     scale = [float(np.float32(1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev)) for i in range(d)]
-    down = float(np.float32(1.0) / np.float32(d + 1))
+    down = float(np.float32(1.0) / np.float32(d1))
 
     # Elevate onto the plane Σx = 0 of R^{d+1} (E·f, p. 5 in Adams et al. 2010).
-    elevated = torch.empty((n, d + 1), dtype=torch.float32, device=dev)
-    sm = torch.zeros(n, dtype=torch.float32, device=dev)
+    elevated = torch.empty((d1, n), dtype=torch.float32, device=f.device)
+    sm = torch.zeros(n, dtype=torch.float32, device=f.device)
     for j in range(d, 0, -1):
-        cf = features[:, j - 1] * scale[j - 1]
-        elevated[:, j] = sm - cf * float(j)
+        cf = f[j - 1] * scale[j - 1]
+        elevated[j] = sm - cf * float(j)
         sm = sm + cf
-    elevated[:, 0] = sm
+    elevated[0] = sm
 
     # The closest 0-coloured lattice point: each coordinate rounded to a multiple of d+1 (ties to even).
     v = torch.round(elevated * down)
-    rem0 = v * float(d + 1)
-    total = v.sum(dim=1).to(torch.int64)
+    rem0 = v * float(d1)
+    total = v.sum(0).to(torch.int64)
 
     # rank[i]: how many residuals are larger, plus equal ones at a smaller index (pydensecrf's tie rule).
     res = elevated - rem0
-    rank = torch.empty((n, d + 1), dtype=torch.int64, device=dev)
-    for i in range(d + 1):
-        ri = res[:, i : i + 1]
-        rank[:, i] = (ri < res[:, i + 1 :]).sum(1) + (res[:, :i] >= ri).sum(1)
+    rank = torch.zeros((d1, n), dtype=torch.int64, device=f.device)
+    for i in range(d1):
+        for j in range(i + 1, d1):
+            smaller = res[i] < res[j]
+            rank[i] += smaller
+            rank[j] += ~smaller
     # Bring the point back onto the plane if the rounded coordinates do not sum to 0.
-    rank += total[:, None]
+    rank += total
     wrap = (rank < 0).to(torch.int64) - (rank > d).to(torch.int64)
-    rank += wrap * (d + 1)
-    rem0 += wrap.to(torch.float32) * float(d + 1)
+    rank += wrap * d1
+    rem0 += wrap.to(torch.float32) * float(d1)
 
-    # Barycentric coordinates (p. 10 in Adams et al. 2010).
+    # Barycentric coordinates (p. 10 in Adams et al. 2010): differences of the residuals sorted by rank.
     res = (elevated - rem0) * down
-    bary = torch.zeros((n, d + 2), dtype=torch.float32, device=dev)
-    bary.scatter_add_(1, d - rank, res)
-    bary.scatter_add_(1, d - rank + 1, -res)
-    bary[:, 0] += 1.0 + bary[:, d + 1]
-    return rem0.to(torch.int64), rank, bary[:, : d + 1].contiguous()
+    by_rank = torch.empty_like(res).scatter_(0, rank, res).flip(0)  # by_rank[k]: the residual of rank d − k
+    bary = torch.empty_like(res)
+    bary[1:] = by_rank[1:] - by_rank[:-1]
+    bary[0] = by_rank[0] + (1.0 - by_rank[d])
+    return v[:d].to(torch.int64) + wrap[:d], rank, bary
 
 
-def _vertex_codes(rem0: torch.Tensor, rank: torch.Tensor, ids: torch.Tensor, lo: torch.Tensor,
-                  strides: list[int], image_stride: int) -> torch.Tensor:
-    """The d+1 simplex vertices' keys, packed: (n, d+1) int64 = image·image_stride + Σ_c stride_c·(key_c − lo_c).
+def _vertex_keys(zero: torch.Tensor, rank: torch.Tensor, image_ids: torch.Tensor, strides: list[int],
+                 image_stride: int) -> torch.Tensor:
+    """The d+1 simplex vertices' packed keys, point-major (n·(d+1),) int64.
 
-    Vertex r's key is rem0 + canonical[r][rank] (first d coordinates), canonical[r][k] = r − (d+1)·[k > d − r]:
-    going from vertex r−1 to r adds 1 to every coordinate and −(d+1) to the one of rank d−r+1.
+    zero (d, n): the 0-coloured vertex in units of d+1, already offset to be ≥ 2. Vertex r has coordinates
+    (d+1)·(zero − 1_S) + r, S the coordinates of the r largest ranks; its key is
+    (image·image_stride + Σ_c stride_c·(zero_c − [c ∈ S]))·(d+1) + r. Going from vertex r−1 to r adds 1 and
+    subtracts (d+1)·stride of the coordinate of rank d − r + 1 (the last coordinate has stride 0).
     """
-    n, d1 = rank.shape
+    d1, n = rank.shape
     d = d1 - 1
-    dev = rank.device
-    stride_t = torch.tensor(strides + [0], dtype=torch.int64, device=dev)
-    base = ((rem0[:, :d] - lo) * stride_t[:d]).sum(1) + ids * image_stride
-    coord_of_rank = torch.empty_like(rank).scatter_(1, rank, torch.arange(d1, device=dev).expand(n, d1))
-    steps = sum(strides) - d1 * stride_t[coord_of_rank[:, 1:].flip(1)]  # (n, d): vertex r−1 → r for r = 1..d
-    codes = torch.empty((n, d1), dtype=torch.int64, device=dev)
-    codes[:, 0] = base
-    torch.cumsum(steps, 1, out=codes[:, 1:])
-    codes[:, 1:] += base[:, None]
-    return codes
+    stride_t = torch.tensor(strides + [0], dtype=torch.int64, device=rank.device)
+    base = (zero * stride_t[:d, None]).sum(0) + image_ids * image_stride
+    coord_of_rank = torch.empty_like(rank).scatter_(0, rank, torch.arange(d1, device=rank.device)[:, None].expand(d1, n))
+    steps = 1 - d1 * stride_t[coord_of_rank[1:].flip(0)]  # (d, n): vertex r−1 → r for r = 1..d
+    keys = torch.empty((d1, n), dtype=torch.int64, device=rank.device)
+    keys[0] = base * d1
+    for r in range(1, d1):
+        torch.add(keys[r - 1], steps[r - 1], out=keys[r])
+    return keys.t().reshape(-1)
+
+
+def _blur_neighbours(keys: torch.Tensor, strides: list[int], itype: torch.dtype) -> LatticeBlur:
+    """Sorted vertex keys (m,) → for each direction j, each vertex's neighbours that exist.
+
+    Neighbour − along j: every coordinate −1 except coordinate j, +d; neighbour + is the opposite move.
+    """
+    m, d = keys.numel(), len(strides)
+    d1 = d + 1
+    r = keys % d1
+    arange_m = torch.arange(m, dtype=itype, device=keys.device)
+    neighbours, bounds = [], []
+    for j in range(d1):
+        s = strides[j] if j < d else 0
+        # r ≥ 1: remainder r−1, coordinate j one unit up; r = 0: remainder d, every coordinate but j one unit down.
+        q = (keys + torch.where(r > 0, d1 * s - 1, d + d1 * (s - sum(strides)))).to(keys.dtype)
+        idx = torch.searchsorted(keys, q).clamp_(max=m - 1)
+        minus = torch.where(keys[idx] == q, idx, -1).to(itype)
+        # b = minus(a) ⇔ a = plus(b): scatter a into b's slot (misses go to slot m, dropped).
+        plus = torch.full((m + 1,), -1, dtype=itype, device=keys.device)
+        plus.scatter_(0, torch.where(minus >= 0, minus, m).long(), arange_m)
+        pairs = torch.stack([minus, plus[:m]], 1)
+        present = pairs >= 0
+        neighbours.append(pairs[present])
+        bounds.append(_csr_bounds(present.sum(1, dtype=itype), itype))
+    return LatticeBlur(neighbours, bounds)
 
 
 def build_lattice(features: torch.Tensor, image_ids: torch.Tensor | None = None, extra: torch.Tensor | None = None,
@@ -177,86 +231,48 @@ def build_lattice(features: torch.Tensor, image_ids: torch.Tensor | None = None,
     """features (n, d) float32 (already divided by σ) → Lattice; image_ids (n,) int64 keep images' vertices apart.
 
     extra (e, d) with extra_ids (e,): points that only create lattice vertices (never splatted nor sliced),
-    as pydensecrf's SSE padding lanes do. Deduplication is a sort of the packed integer keys; blur
-    neighbours are found by binary search in the sorted keys.
+    as pydensecrf's SSE padding lanes do.
     """
     n, d = features.shape
     d1 = d + 1
     dev = features.device
     if image_ids is None:
         image_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-    has_extra = extra is not None and len(extra) > 0
-    rem0, rank, bary = _elevate_and_enclose(features)
-    if has_extra:
-        erem0, erank, _ = _elevate_and_enclose(extra)
+    if extra is not None and len(extra):
+        features, image_ids = torch.cat([features, extra]), torch.cat([image_ids, extra_ids])
+    total = features.shape[0]
+    zero, rank, bary = _enclosing_simplices(features)
 
-    # Mixed radix per coordinate, wide enough for the simplex vertices (±d) and their neighbours (±(d+1)).
-    lo = rem0[:, :d].amin(0)
-    hi = rem0[:, :d].amax(0)
-    if has_extra:
-        lo, hi = torch.minimum(lo, erem0[:, :d].amin(0)), torch.maximum(hi, erem0[:, :d].amax(0))
-    lo = lo - 2 * d1
-    radix = [int(x) for x in (hi + 2 * d1 - lo + 1).tolist()]
+    # Mixed radix per coordinate, wide enough for the vertices (zero − 1) and their blur neighbours (± 1 more).
+    lo = zero.amin(1, keepdim=True) - 2
+    zero -= lo
+    radix = [int(x) + 2 for x in zero.amax(1).tolist()]
     image_stride = math.prod(radix)
-    n_images = int(image_ids.max()) + 1 if n else 1
-    if has_extra:
-        n_images = max(n_images, int(extra_ids.max()) + 1)
-    if image_stride * n_images >= MAX_KEY:
+    n_images = int(image_ids.max()) + 1 if total else 1
+    if image_stride * n_images * d1 >= MAX_KEY:
         raise ValueError("CRF σ too small for this image: permutohedral lattice keys would exceed 64 bits")
     strides = [math.prod(radix[c + 1 :]) for c in range(d)]
-    codes = _vertex_codes(rem0, rank, image_ids, lo, strides, image_stride).view(-1)
+    keys = _vertex_keys(zero, rank, image_ids, strides, image_stride)
+    if image_stride * n_images * d1 < 2**31:
+        keys = keys.to(torch.int32)  # sorts about twice as fast
 
     # Deduplicate: sort the keys (stable: a vertex's entries stay in point order, as the C++ splat adds them).
-    sorted_codes, order = torch.sort(codes, stable=True)
-    del codes
-    lattice_codes, vertex_of_sorted, counts = torch.unique_consecutive(sorted_codes, return_inverse=True,
-                                                                       return_counts=True)
-    del sorted_codes
-    vertices = torch.empty_like(order).scatter_(0, order, vertex_of_sorted)
-    if has_extra:  # vertices only the padding points create: insert them in key order
-        ecodes = torch.unique(_vertex_codes(erem0, erank, extra_ids, lo, strides, image_stride))
-        pos = torch.searchsorted(lattice_codes, ecodes).clamp_(max=lattice_codes.numel() - 1)
-        new_codes = ecodes[lattice_codes[pos] != ecodes]
-        if new_codes.numel():
-            shift = torch.searchsorted(new_codes, lattice_codes) + torch.arange(lattice_codes.numel(), device=dev)
-            lattice_codes, _ = torch.sort(torch.cat([lattice_codes, new_codes]))
-            vertices = shift[vertices]
-            counts = torch.zeros_like(lattice_codes).index_copy_(0, shift, counts)
-    m = lattice_codes.numel()
-
-    itype = _index_dtype(n * d1 + 1, 3 * m + 1)
-    bounds = torch.zeros(m + 2, dtype=itype, device=dev)
-    bounds[1 : m + 1] = torch.cumsum(counts, 0)
-    bounds[m + 1] = bounds[m]
-    points = torch.arange(n, dtype=itype, device=dev).repeat_interleave(d1)
-    splat_points = points.index_select(0, order)
-    splat_weights = bary.view(-1).index_select(0, order)
-    del order, points
-
-    # Blur neighbours along direction j: every coordinate −1 except coordinate j, +d, and the opposite one.
-    blur_index = torch.empty((d1, m, 3), dtype=itype, device=dev)
-    blur_index[:, :, 0] = torch.arange(m, dtype=itype, device=dev)
-    blur_index[:, :, 2] = m
-    arange_m = torch.arange(m, dtype=itype, device=dev)
-    base = -sum(strides)
-    for j in range(d1):
-        delta = base + d1 * strides[j] if j < d else base
-        q = lattice_codes + delta
-        idx = torch.searchsorted(lattice_codes, q).clamp_(max=m - 1)
-        found = torch.where(lattice_codes[idx] == q, idx, m).to(itype)
-        blur_index[j, :, 1] = found
-        # b = a + δ ⇔ a = b − δ: scatter a into b's slot (misses go to slot m of a scratch column, dropped).
-        opposite = torch.full((m + 1,), m, dtype=itype, device=dev)
-        opposite.scatter_(0, found.long(), arange_m)
-        blur_index[j, :, 2] = opposite[:m]
-    blur_bounds = torch.arange(0, 3 * m + 4, 3, dtype=itype, device=dev)
-    blur_bounds[-1] = 3 * m
-    blur_weights = torch.tensor([1.0, 0.5, 0.5], device=dev).repeat(m)
+    sorted_keys, order = torch.sort(keys, stable=True)
+    del keys
+    lattice_keys, vertex_of_sorted, counts = torch.unique_consecutive(sorted_keys, return_inverse=True,
+                                                                      return_counts=True)
+    del sorted_keys
+    m = lattice_keys.numel()
+    itype = _index_dtype(total * d1 + 1, m + 1)
+    vertices = torch.empty(total * d1, dtype=itype, device=dev).scatter_(0, order, vertex_of_sorted.to(itype))
+    real = order < n * d1  # entries of padding points splat nothing
+    splat_points = torch.where(real, torch.div(order, d1, rounding_mode="floor"), 0).to(itype)
+    bary_pm = bary.t().contiguous()  # point-major (total, d+1)
+    splat_weights = torch.where(real, bary_pm.view(-1)[order], 0.0)
+    del order, real
     alpha = float(np.float32(1.0) / (np.float32(1.0) + np.float32(2.0**-d)))
-    return Lattice(splat_points, splat_weights, bounds, vertices.view(n, d1).to(itype), bary,
-                   LatticeBlur(blur_index.view(d1, 3 * m), blur_bounds, blur_weights), alpha)
-
-
+    return Lattice(splat_points, splat_weights, _csr_bounds(counts.to(itype), itype),
+                   vertices.view(total, d1)[:n], bary_pm[:n], _blur_neighbours(lattice_keys, strides, itype), alpha)
 def _as_image(image: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """(H, W, 3) uint8 RGB, numpy or tensor → tensor on device; ValueError otherwise."""
     t = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
@@ -285,22 +301,24 @@ def _as_probs(probs: np.ndarray | torch.Tensor, hw: tuple[int, int], device: tor
     return t
 
 
+
+
 def _divide(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """x / σ in float32 by true division (as the C++ does; a CPU-scalar divisor becomes x·(1/σ) on CUDA)."""
     return x / torch.full((1,), sigma, dtype=torch.float32, device=x.device)
 
 
-def _features(images: Sequence[torch.Tensor], sxy: float, srgb: float | None) -> torch.Tensor:
+def _features(shapes: Sequence[tuple[int, int]], sxy: float, images: Sequence[torch.Tensor] | None = None,
+              srgb: float | None = None, device: torch.device | None = None) -> torch.Tensor:
     """Per-pixel features of all images, pixel index y·W + x: (x/σxy, y/σxy[, r/σrgb, g/σrgb, b/σrgb]) float32."""
     parts = []
-    for im in images:
-        h, w = im.shape[:2]
-        dev = im.device
+    for i, (h, w) in enumerate(shapes):
+        dev = images[i].device if images is not None else device
         x = _divide(torch.arange(w, dtype=torch.float32, device=dev), sxy).expand(h, w)
         y = _divide(torch.arange(h, dtype=torch.float32, device=dev), sxy)[:, None].expand(h, w)
         cols = [x.reshape(-1), y.reshape(-1)]
-        if srgb is not None:
-            rgb = _divide(im.reshape(-1, 3).to(torch.float32), srgb)
+        if images is not None and srgb is not None:
+            rgb = _divide(images[i].reshape(-1, 3).to(torch.float32), srgb)
             cols += [rgb[:, 0], rgb[:, 1], rgb[:, 2]]
         parts.append(torch.stack(cols, dim=1))
     return torch.cat(parts)
@@ -313,37 +331,78 @@ def _padding_points(sizes: Sequence[int], d: int, device: torch.device) -> tuple
             torch.tensor(ids, dtype=torch.int64, device=device))
 
 
-class _Pairwise:
-    """Σₖ wₖ·nₖ∘Kₖ(nₖ∘q) over the Potts kernels (symmetric normaliser nₖ = 1/√(Kₖ·1)): minus the pairwise energy.
+def _image_lattice(features: torch.Tensor, sizes: Sequence[int]) -> Lattice:
+    """The lattice of all images' pixels (features (N, d), images of sizes[i] pixels in order) with their padding points."""
+    dev = features.device
+    ids = torch.repeat_interleave(torch.arange(len(sizes), device=dev), torch.tensor(sizes, device=dev))
+    extra, extra_ids = _padding_points(sizes, features.shape[1], dev)
+    return build_lattice(features, ids, extra, extra_ids)
 
-    All kernels' splats are one weighted gather, and so are their slices (each point's bag holds its simplex
-    vertices in every lattice); the blurs run per lattice.
+
+@dataclass
+class Kernel:
+    """One Gaussian kernel with pydensecrf's symmetric normalisation n = 1/√(K·1) folded in: v ↦ n∘K(n∘v)."""
+
+    lattice: Lattice  # its splat weights already multiplied by their point's n
+    slice_weights: torch.Tensor  # (n, d+1) float32 barycentric·α·n
+
+    @classmethod
+    def of(cls, lattice: Lattice) -> "Kernel":
+        ones = torch.ones((lattice.n, 1), dtype=torch.float32, device=lattice.vertices.device)
+        norm = 1.0 / torch.sqrt(lattice.filter(ones)[:, 0] + 1e-20)
+        lattice.splat_weights = lattice.splat_weights * norm[lattice.splat_points]
+        return cls(lattice, lattice.barycentric * lattice.alpha * norm[:, None])
+
+    def nbytes(self) -> int:
+        """Memory held by its tensors, in bytes."""
+        lat = self.lattice
+        tensors = [lat.splat_points, lat.splat_weights, lat.splat_bounds, lat.vertices, lat.barycentric,
+                   self.slice_weights, *lat.blur.neighbours, *lat.blur.bounds]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+_position_kernels: OrderedDict[tuple, Kernel] = OrderedDict()  # least recently used first
+_position_lock = threading.Lock()
+
+
+def position_kernel(shapes: Sequence[tuple[int, int]], sxy: float, device: torch.device) -> Kernel:
+    """The Gaussian kernel over pixel positions of images of these (H, W): it depends on nothing else, so it is
+    built once per process and kept while the kept ones take at most CACHE_BYTES."""
+    key = (tuple(shapes), float(sxy), str(device))
+    with _position_lock:
+        if key in _position_kernels:
+            _position_kernels.move_to_end(key)
+            return _position_kernels[key]
+    kernel = Kernel.of(_image_lattice(_features(shapes, sxy, device=device), [h * w for h, w in shapes]))
+    with _position_lock:
+        _position_kernels[key] = kernel
+        while sum(k.nbytes() for k in _position_kernels.values()) > CACHE_BYTES:
+            _position_kernels.popitem(last=False)
+    return kernel
+
+
+class _Pairwise:
+    """Σₖ wₖ·nₖ∘Kₖ(nₖ∘q)·log₂e over the Potts kernels: minus the pairwise energy, in log₂ units.
+
+    Each kernel splats and blurs on its own lattice; the slices of all kernels are one weighted gather
+    (each point's bag holds its simplex vertices in every lattice).
     """
 
-    def __init__(self, lattices: Sequence[Lattice], weights: Sequence[float], chunk_bytes: int | None = None):
-        n = lattices[0].n
-        dev = lattices[0].vertices.device
-        ones = torch.ones((n, 1), dtype=torch.float32, device=dev)
-        norms = [1.0 / torch.sqrt(lat.filter(ones)[:, 0] + 1e-20) for lat in lattices]
-        rows = [lat.m + 1 for lat in lattices]
+    def __init__(self, kernels: Sequence[Kernel], weights: Sequence[float], chunk_bytes: int | None = None):
+        n = kernels[0].lattice.n
+        dev = kernels[0].slice_weights.device
+        rows = [k.lattice.m for k in kernels]
         self.row_starts = [sum(rows[:k]) for k in range(len(rows) + 1)]
-        entries = [lat.splat_points.numel() for lat in lattices]
-        total_d1 = sum(lat.d + 1 for lat in lattices)
-        itype = _index_dtype(sum(entries) + 1, n * total_d1 + 1, self.row_starts[-1])
-
-        self.splat_index = torch.cat([lat.splat_points.to(itype) for lat in lattices])
-        self.splat_weights = torch.cat([lat.splat_weights * nm[lat.splat_points] for lat, nm in zip(lattices, norms)])
-        starts = [sum(entries[:k]) for k in range(len(entries))]
-        self.splat_bounds = torch.cat([lat.splat_bounds[:-1].to(itype) + s for lat, s in zip(lattices, starts)]
-                                      + [torch.tensor([sum(entries)], dtype=itype, device=dev)])
-        self.slice_index = torch.cat([lat.vertices.to(itype) + r for lat, r in zip(lattices, self.row_starts)],
+        total_d1 = sum(k.lattice.d + 1 for k in kernels)
+        itype = _index_dtype(n * total_d1 + 1, self.row_starts[-1])
+        self.lattices = [k.lattice for k in kernels]
+        self.slice_index = torch.cat([k.lattice.vertices.to(itype) + r for k, r in zip(kernels, self.row_starts)],
                                      dim=1).reshape(-1)
-        self.slice_weights = torch.cat([lat.barycentric * (w * lat.alpha) * nm[:, None]
-                                        for lat, w, nm in zip(lattices, weights, norms)], dim=1).reshape(-1)
+        self.slice_weights = torch.cat([k.slice_weights * (w * LOG2E) for k, w in zip(kernels, weights)],
+                                       dim=1).reshape(-1)
         self.slice_bounds = torch.arange(0, n * total_d1 + 1, total_d1, dtype=itype, device=dev)
-        self.blurs = [lat.blur for lat in lattices]  # of the lattices, only their blurs are kept
         # Labels are filtered independently: chunk them so the value buffers stay under chunk_bytes.
-        per_label = 4 * (3 * self.row_starts[-1] + 2 * n)
+        per_label = 4 * (4 * self.row_starts[-1] + 2 * n)
         self.labels_per_pass = max(1, (chunk_bytes or CHUNK_BYTES) // per_label)
 
     def __call__(self, q: torch.Tensor) -> torch.Tensor:
@@ -354,9 +413,7 @@ class _Pairwise:
         return torch.cat([self._messages(q[:, i : i + step].contiguous()) for i in range(0, c, step)], dim=1)
 
     def _messages(self, q: torch.Tensor) -> torch.Tensor:
-        splatted = _bags(self.splat_index, q, self.splat_bounds, self.splat_weights)
-        blurred = [blur(splatted[a:b]) for blur, a, b in zip(self.blurs, self.row_starts, self.row_starts[1:])]
-        table = blurred[0] if len(blurred) == 1 else torch.cat(blurred)
+        table = torch.cat([lat.blur(lat.splat(q)) for lat in self.lattices])
         return _bags(self.slice_index, table, self.slice_bounds, self.slice_weights)
 
 
@@ -417,28 +474,40 @@ def dense_crf_torch(
                                  bi_xy=bi_xy, bi_rgb=bi_rgb, device=device)[0]
 
 
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    """Logits in log₂ units (N, C), shifted so that exp2 neither overflows nor underflows → their softmax, in place."""
+    x.exp2_()
+    return x.div_(x.sum(1, keepdim=True))
+
+
 def _mean_field(images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor], iterations: int, pos_w: float,
                 pos_xy: float, bi_w: float, bi_xy: float, bi_rgb: float) -> list[torch.Tensor]:
     """`DenseCRF::inference` on images with the same label count C: → Q (C, H, W) per image."""
     c = probs[0].shape[0]
-    sizes = [im.shape[0] * im.shape[1] for im in images]
-    # (N, C) pixel-major like the C++ code's column-major (labels, pixels) matrices.
-    neg_unary = torch.cat([p.reshape(c, -1).t() for p in probs]).clamp_(min=UNARY_CLIP).log_()
-    q = torch.softmax(neg_unary, dim=1)
-    if iterations and c > 1:
-        dev = neg_unary.device
-        ids = torch.repeat_interleave(torch.arange(len(sizes), device=dev), torch.tensor(sizes, device=dev))
-        terms = [(w, sxy, srgb) for w, sxy, srgb in ((pos_w, pos_xy, None), (bi_w, bi_xy, bi_rgb)) if w != 0]
-        lattices = []
-        for _, sxy, srgb in terms:
-            features = _features(images, sxy, srgb)
-            extra, extra_ids = _padding_points(sizes, features.shape[1], dev)
-            lattices.append(build_lattice(features, ids, extra, extra_ids))
-        if lattices:
-            pairwise = _Pairwise(lattices, [w for w, _, _ in terms])
-            del lattices, features
-            for _ in range(iterations):
-                q = torch.softmax(pairwise(q).add_(neg_unary), dim=1)
+    shapes = [(im.shape[0], im.shape[1]) for im in images]
+    sizes = [h * w for h, w in shapes]
+    # (N, C) pixel-major like the C++ code's column-major (labels, pixels) matrices; log₂ p = −U / ln 2.
+    log_p = torch.cat([p.reshape(c, -1).t() for p in probs]).clamp_(min=UNARY_CLIP).log2_()
+    top = log_p.amax(1, keepdim=True)
+    q = _normalise(log_p - top)
+    terms = [(w, sxy, srgb) for w, sxy, srgb in ((pos_w, pos_xy, None), (bi_w, bi_xy, bi_rgb)) if w != 0]
+    if iterations and c > 1 and terms:
+        dev = log_p.device
+        kernels = [position_kernel(shapes, sxy, dev) if srgb is None
+                   else Kernel.of(_image_lattice(_features(shapes, sxy, images, srgb), sizes))
+                   for _, sxy, srgb in terms]
+        pairwise = _Pairwise(kernels, [w for w, _, _ in terms])
+        del kernels
+        exact = min(w for w, _, _ in terms) < 0
+        if not exact:  # a pixel's messages sum to its message for Q ≡ 1 whatever Q is: that bounds each of them
+            bound = pairwise(torch.ones((len(log_p), 1), dtype=torch.float32, device=dev))
+            exact = bool(bound.max() > SHIFT_RANGE)
+        unary = log_p if exact else log_p.sub_(top.add_(bound))
+        for _ in range(iterations):
+            x = pairwise(q).add_(unary)
+            if exact:
+                x -= x.amax(1, keepdim=True)
+            q = _normalise(x)
     out, start = [], 0
     for p, n in zip(probs, sizes):
         out.append(q[start : start + n].t().reshape(p.shape).contiguous())
