@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import cli
 from PIL import Image
 
 from deeplab_cli.benchmark import (
@@ -20,7 +20,6 @@ from deeplab_cli.benchmark import (
     run_benchmark,
     spread_ms,
 )
-from deeplab_cli.cli import main
 from deeplab_cli.errors import UsageError
 
 TINY = ["--size", "33x41", "--iters", "1", "--warmup", "0", "--device", "cpu"]
@@ -40,7 +39,7 @@ def no_default_weights(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def invoke(*args: str):
-    return CliRunner().invoke(main, ["benchmark", *args])
+    return cli("benchmark", *args)
 
 
 def test_fps_end_to_end_prints_every_stage_and_documented_json() -> None:
@@ -182,3 +181,18 @@ def test_library_api_without_the_cli() -> None:
     assert any("randomly initialised" in m for m in messages)
     with pytest.raises(UsageError):
         run_benchmark(BenchmarkOptions(fps=False, compare=False))
+
+
+def test_images_are_decoded_at_the_working_resolution(tmp_path: Path, photo: np.ndarray, monkeypatch) -> None:
+    from deeplab_cli import benchmark
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(photo).resize((900, 600)).save(folder / "big.jpg")
+    decoded = []
+    real = benchmark.decode_all
+    monkeypatch.setattr(benchmark, "decode_all", lambda files, side: decoded.append(real(files, side)) or decoded[-1])
+    result = invoke(*TINY, "--no-variants", "--images", str(folder), "--max-side", "90", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["environment"]["max_side"] == 90
+    assert {im.shape for batch in decoded for im in batch} == {(60, 90, 3)}  # what segment runs it at
