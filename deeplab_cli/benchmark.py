@@ -161,20 +161,21 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
-def variants_for(device: torch.device) -> list[tuple[str, bool]]:
-    """(precision, channels_last) pairs worth timing on a device; fp32 contiguous first (the reference)."""
-    precisions = ["fp32"]
-    if device.type == "cuda":
-        precisions.append("fp16")
-        if torch.cuda.is_bf16_supported():
-            precisions.append("bf16")
-    elif cpu_supports_bf16():
-        precisions.append("bf16")
-    return [(p, cl) for p in precisions for cl in (False, True)]
+def variants_for(device: torch.device) -> list[tuple[str, bool, bool]]:
+    """(precision, channels_last, packed) worth timing on a device; eager fp32 contiguous first (the reference).
+
+    On the CPU: eager fp32 without and with channels_last, then runtime.PackedNetwork (the default) in fp32
+    and, where the CPU has bf16 instructions, bf16. On CUDA: every precision, without and with channels_last.
+    """
+    if device.type == "cpu":
+        return [("fp32", False, False), ("fp32", True, False), ("fp32", True, True)] + \
+            ([("bf16", True, True)] if cpu_supports_bf16() else [])
+    precisions = ["fp32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+    return [(p, cl, False) for p in precisions for cl in (False, True)]
 
 
-def variant_name(precision: str, channels_last: bool) -> str:
-    return precision + (" + channels_last" if channels_last else "")
+def variant_name(precision: str, channels_last: bool, packed: bool = False) -> str:
+    return precision + (" packed" if packed else " + channels_last" if channels_last else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,11 +310,12 @@ def load_model(opts: BenchmarkOptions) -> tuple[DeepLab, str | None]:
 
 
 def make_segmenter(model: DeepLab, device: torch.device, precision: str | None, channels_last: bool,
-                   opts: BenchmarkOptions, crf: CRFParams | None = None, crf_backend: str = "pydensecrf") -> Segmenter:
+                   opts: BenchmarkOptions, crf: CRFParams | None = None, crf_backend: str = "pydensecrf",
+                   packed: bool | None = None) -> Segmenter:
     """A Segmenter over the shared model, its memory format reset first (channels_last converts it in place)."""
     model.to(memory_format=torch.contiguous_format)
     return Segmenter(model, device=device, precision=precision, pad_to=opts.pad_to, crf=crf,
-                     crf_backend=crf_backend, channels_last=channels_last)
+                     crf_backend=crf_backend, channels_last=channels_last, packed=packed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,6 +349,7 @@ def environment(opts: BenchmarkOptions, device: torch.device, seg: Segmenter, we
         "cpu_bf16": cpu_supports_bf16(),
         "precision": seg.precision,
         "channels_last": seg.channels_last,
+        "packed": seg.packed,
         "arch": seg.arch.name,
         "num_classes": seg.num_classes,
         "weights": weights,
@@ -434,8 +437,8 @@ def time_variants(model: DeepLab, device: torch.device, images: Sequence[np.ndar
     results: list[dict[str, Any]] = []
     reference: list[np.ndarray] | None = None
     hw = [im.shape[:2] for im in images]
-    for precision, channels_last in variants_for(device):
-        seg = make_segmenter(model, device, precision, channels_last, opts)
+    for precision, channels_last, packed in variants_for(device):
+        seg = make_segmenter(model, device, precision, channels_last, opts, packed=packed)
         x = seg.prepare(images, seg.input_size(*opts.size))
         for _ in range(opts.warmup):
             seg.scores(x)
@@ -454,6 +457,7 @@ def time_variants(model: DeepLab, device: torch.device, images: Sequence[np.ndar
         results.append({
             "precision": precision,
             "channels_last": channels_last,
+            "packed": packed,
             "network": spread_ms(seconds, opts.batch_size),
             "fps": round(opts.batch_size / median, 3),
             "gflops": round(gflops, 2),
@@ -461,7 +465,7 @@ def time_variants(model: DeepLab, device: torch.device, images: Sequence[np.ndar
             "fraction_of_matmul": round(gflops / matmul[precision], 4),
             "agreement": round(agree, 6),
         })
-        log(f"variant {variant_name(precision, channels_last)}: {1000 * median / opts.batch_size:.0f} ms/image, "
+        log(f"variant {variant_name(precision, channels_last, packed)}: {1000 * median / opts.batch_size:.0f} ms/image, "
             f"argmax agreement with fp32 {100 * agree:.2f}%")
     model.to(memory_format=torch.contiguous_format)
     return results
@@ -559,7 +563,7 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
             correct = [v for v in variants if v["agreement"] >= AGREEMENT_THRESHOLD]
             best = min(correct, key=lambda v: v["network"]["median_ms"])
             report["recommended"] = {"precision": best["precision"], "channels_last": best["channels_last"],
-                                     "agreement_threshold": AGREEMENT_THRESHOLD}
+                                     "packed": best["packed"], "agreement_threshold": AGREEMENT_THRESHOLD}
     else:
         images = [fit_image(decode_image(data, name), opts.size) for name, data in source.batch(0, 1)]
 

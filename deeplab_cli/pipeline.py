@@ -24,6 +24,7 @@ from .model import DeepLab
 from .palette import load_class_names
 from .precision import PRECISIONS, check_precision
 from .resolution import DEFAULT_MAX_SIDE, downscale, upsample_labels, working_size
+from .runtime import PackedNetwork
 from .transforms import padded_size, preprocess, scores_to_probs, to_tensor, upsample_scores
 from .weightfiles.cache import resolve_weights
 from .weightfiles.formats import Weights, build_model, load_weights
@@ -67,8 +68,9 @@ class Segmentation:
 class Segmenter:
     """DeepLab v1 on a device: image (H, W, 3) uint8 RGB → probabilities → CRF → labels.
 
-    Defaults are the fastest settings that keep fp32's labels (`deeplab benchmark --fps`): channels_last
-    (1.3× on the CPU, 99.9996 % argmax agreement), fp32 on the CPU, fp16 autocast on CUDA.
+    Defaults are the fastest settings that keep fp32's labels (`deeplab benchmark --fps`): on the CPU fp32 as
+    runtime.PackedNetwork (weights packed once, ReLU fused; packed=False: eager PyTorch), on CUDA fp16 autocast
+    with channels_last.
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class Segmenter:
         class_names: Sequence[str] | None = None,
         channels_last: bool = True,
         max_side: int | None = DEFAULT_MAX_SIDE,
+        packed: bool | None = None,
     ) -> None:
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self.precision = check_precision(precision, self.device.type)
@@ -89,6 +92,11 @@ class Segmenter:
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
+        # On the CPU the network runs as runtime.PackedNetwork (weights packed once, ReLU fused); eager on CUDA.
+        self.packed = self.device.type == "cpu" if packed is None else packed
+        if self.packed and self.device.type != "cpu":
+            raise UsageError(f"the packed network runs on the CPU, not on {self.device}")
+        self.network = PackedNetwork(self.model, self.precision) if self.packed else None
         self.arch = model.arch
         self.pad_to = pad_to
         if pad_to is not None:
@@ -123,6 +131,8 @@ class Segmenter:
     @torch.inference_mode()
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, 3, H', W') preprocessed input on the device (see transforms.preprocess) → fc8 scores (N, C, h, w)."""
+        if self.network is not None:
+            return self.network(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.precision == "fp32":
