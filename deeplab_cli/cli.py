@@ -17,7 +17,7 @@ from . import __version__
 from .archs import ARCHS
 from .crf import BACKENDS, PRESETS
 from .errors import DeeplabError, UsageError
-from .precision import PRECISIONS
+from .precision import BF16_NOTE, PRECISIONS, cpu_has_bf16, faster_precision_note
 from .resolution import DEFAULT_MAX_SIDE
 
 
@@ -105,7 +105,8 @@ model_options = _stack(
                  help="Architecture (default: the weights file's metadata, else largefov)."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
     click.option("--precision", type=click.Choice(list(PRECISIONS)), default=None,
-                 help="Network precision (default: fp16 on CUDA, fp32 on CPU)."),
+                 help=f"Network precision (default: fp16 on CUDA, fp32 on CPU). {BF16_NOTE}"
+                      f"{' (this CPU has them)' if cpu_has_bf16() else ''}."),
     click.option("--pad-to", type=click.IntRange(min=1), default=None,
                  help="Pad every image to this square size (513 reproduces the VOC test scripts)."),
     click.option("--classes", "classes_file", type=click.Path(dir_okay=False), default=None,
@@ -181,8 +182,9 @@ def segmenter_from(opts: dict[str, Any], log: bool = True, in_pool: bool = False
     if log:
         crf = f"CRF {seg.crf_backend}" if seg.crf else "no CRF"
         side = f"max side {seg.max_side}" if seg.max_side else "full resolution"
+        note = faster_precision_note(seg.device.type, seg.precision)
         click.echo(f"deeplab: {weights.path} ({weights.arch}, {weights.num_classes} classes) on {seg.device} "
-                   f"{seg.precision}, {crf}, {side}", err=True)
+                   f"{seg.precision}, {crf}, {side}" + (f" ({note})" if note else ""), err=True)
     return seg
 
 

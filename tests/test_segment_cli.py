@@ -151,3 +151,23 @@ def test_real_console_script_runs(tmp_path: Path, photo_file: Path, weights_file
     assert proc.returncode == 0, proc.stderr
     assert Image.open(tmp_path / "m.png").mode == "P"
     assert torch.cuda.is_available() or "on cpu" in proc.stderr
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_first_line_says_when_this_cpu_has_a_faster_precision(tmp_path: Path, photo_file: Path, weights_file,
+                                                               monkeypatch: pytest.MonkeyPatch, has_bf16: bool) -> None:
+    from deeplab_cli import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: has_bf16)
+    res = run("segment", photo_file, "-o", tmp_path / "m.png", "--weights", weights_file, "--device", "cpu", "--no-crf")
+    assert res.exit_code == 0, res.output
+    first = res.stderr.splitlines()[0]
+    assert first.startswith("deeplab: ") and ("--precision bf16 about 2× faster" in first) is has_bf16
+    res = run("segment", photo_file, "-o", tmp_path / "b.png", "--weights", weights_file, "--device", "cpu",
+              "--no-crf", "--precision", "bf16")
+    assert "2× faster" not in res.stderr.splitlines()[0]
+
+
+def test_help_names_the_faster_precision() -> None:
+    res = run("segment", "--help")
+    assert res.exit_code == 0 and "bf16 runs about 2× faster" in " ".join(res.stdout.split())
