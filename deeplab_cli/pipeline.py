@@ -201,14 +201,19 @@ class Segmenter:
         image = downscale(image, work)
         t1 = time.perf_counter()
         timings = {"resize": t1 - t0} if work != full else {}
-        probs = self.predict_probs(image)
-        t2 = time.perf_counter()
-        timings["network"] = t2 - t1
-        crf_probs = None
-        final = probs
-        if self.crf is not None:
-            crf_probs = final = self.refine(image, probs)
-            timings["crf"] = time.perf_counter() - t2
+        try:
+            probs = self.predict_probs(image)
+            t2 = time.perf_counter()
+            timings["network"] = t2 - t1
+            crf_probs = None
+            final = probs
+            if self.crf is not None:
+                crf_probs = final = self.refine(image, probs)
+                timings["crf"] = time.perf_counter() - t2
+        except torch.cuda.OutOfMemoryError:  # the pre-flight estimate was short: one line, not a traceback
+            torch.cuda.empty_cache()
+            raise DeeplabError(f"out of memory on {self.device} at {work[1]}×{work[0]}; "
+                               "use a smaller --max-side or --device cpu") from None
         t3 = time.perf_counter()
         labels = upsample_labels(final, full)
         if work != full:

@@ -171,3 +171,16 @@ def test_first_line_says_when_this_cpu_has_a_faster_precision(tmp_path: Path, ph
 def test_help_names_the_faster_precision() -> None:
     res = run("segment", "--help")
     assert res.exit_code == 0 and "bf16 runs about 2× faster" in " ".join(res.stdout.split())
+
+
+def test_out_of_device_memory_is_one_line(tmp_path: Path, photo_file: Path, weights_file,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch out-of-memory error past the pre-flight estimate ends in one line (tests/test_cuda.py: on a GPU)."""
+    from helpers import one_line_error
+
+    def oom(self, x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(Segmenter, "scores", oom)
+    res = run("segment", photo_file, "-o", tmp_path / "m.png", "--weights", weights_file, "--device", "cpu")
+    assert "out of memory on cpu" in one_line_error(res, alone=False) and not (tmp_path / "m.png").exists()
