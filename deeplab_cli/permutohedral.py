@@ -218,23 +218,32 @@ def _blur_neighbours(keys: torch.Tensor, strides: list[int], number: torch.Tenso
     """
     m, d = keys.numel(), len(strides)
     d1 = d + 1
+    dev = keys.device
     r = keys % d1
-    arange_m = torch.arange(m, device=keys.device)
-    number = torch.cat([number, number.new_full((1,), -1)])  # index m (absent) → −1
+    # Vertices of remainder 0 and the others, each in key order, so that each run of queries is sorted (a
+    # binary search over sorted queries stays in cache: 3× faster).
+    by_class = torch.cat([torch.nonzero(r > 0)[:, 0], torch.nonzero(r == 0)[:, 0]])
+    first_zero = int((r > 0).sum())
+    class_keys = keys[by_class].to(torch.int64)
+    class_number = number[by_class]
     neighbours, bounds = [], []
     for j in range(d1):
         s = strides[j] if j < d else 0
         # r ≥ 1: remainder r−1, coordinate j one unit up; r = 0: remainder d, every coordinate but j one unit down.
-        q = (keys + torch.where(r > 0, d1 * s - 1, d + d1 * (s - sum(strides)))).to(keys.dtype)
-        idx = torch.searchsorted(keys, q).clamp_(max=m - 1)
-        minus = torch.where(keys[idx] == q, idx, m)
-        # b = minus(a) ⇔ a = plus(b): scatter a into b's slot (misses go to slot m, dropped).
-        plus = torch.full((m + 1,), m, dtype=torch.int64, device=keys.device).scatter_(0, minus, arange_m)
-        pairs = torch.empty((m, 2), dtype=itype, device=keys.device)
-        pairs.index_copy_(0, number[:m], number[torch.stack([minus, plus[:m]], 1)].to(itype))
-        present = pairs >= 0
-        neighbours.append(pairs[present])
-        bounds.append(_csr_bounds(present.sum(1, dtype=itype), itype))
+        q = class_keys.clone()
+        q[:first_zero] += d1 * s - 1
+        q[first_zero:] += d + d1 * (s - sum(strides))
+        at = torch.searchsorted(keys, q.to(keys.dtype)).clamp_(max=m - 1)
+        found = torch.nonzero(keys[at] == q)[:, 0]
+        a, b = class_number[found], number[at[found]]  # b = minus(a) ⇔ a = plus(b)
+        has_minus = torch.zeros(m, dtype=itype, device=dev).index_fill_(0, a, 1)
+        has_plus = torch.zeros(m, dtype=itype, device=dev).index_fill_(0, b, 1)
+        bound = _csr_bounds(has_minus + has_plus, itype)
+        index = torch.empty(int(bound[-1]), dtype=itype, device=dev)
+        index[bound[a].long()] = b.to(itype)  # each bag: its − neighbour first, then its + neighbour
+        index[(bound[b] + has_minus[b]).long()] = a.to(itype)
+        neighbours.append(index)
+        bounds.append(bound)
     return LatticeBlur(neighbours, bounds)
 
 
