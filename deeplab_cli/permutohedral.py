@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .allocator import keep_freed_memory
 from .unary import UNARY_CLIP, check_image, check_probs
 
 CHUNK_BYTES = 2 << 30  # cap on the value buffers of one filtering pass (labels are chunked to fit)
@@ -483,6 +484,8 @@ def dense_crf_torch_batch(
     if device is None:
         device = next((p.device for p in probs if isinstance(p, torch.Tensor)), torch.device("cpu"))
     device = torch.device(device)
+    if device.type == "cpu":
+        keep_freed_memory()  # its set-up allocates tens of large temporaries per call
     ims = [_as_image(im, device) for im in images]
     ps = [_as_probs(p, tuple(im.shape[:2]), device) for p, im in zip(probs, ims)]
     out: list[torch.Tensor | None] = [None] * len(ims)

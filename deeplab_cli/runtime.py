@@ -11,7 +11,8 @@ one thread, CPU time per forward; `benchmarks/runtimes.py` compares whole runtim
 - ceil-mode max pooling is 25 % slower than the same pooling without it, which gives the same output when
   the windows tile the input exactly (always, on the padded sizes 8k+1 and 16k+2);
 - activations over 32 MB are unmapped on free and page-faulted in again on the next call (41 k page faults,
-  70 ms per forward): `keep_freed_memory` asks glibc to keep freed memory for reuse, as ONNX Runtime's arena does.
+  70 ms per forward): allocator.keep_freed_memory asks glibc to keep freed memory for reuse, as ONNX Runtime's
+  arena does.
 fp32 keeps eager fp32's arithmetic (the same oneDNN kernels; 1×1 convolutions differ by float rounding only), so
 labels are those of eager PyTorch and Caffe. bf16 keeps the weights in bf16 once instead of re-casting all
 20.5 M of them per call (as autocast does); biases and the scores stay float32.
@@ -21,38 +22,16 @@ CPU only: on CUDA the pipeline runs the eager model (cuDNN packs nothing per cal
 
 from __future__ import annotations
 
-import ctypes
-import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .allocator import keep_freed_memory
 from .archs import Layer
 from .model import DeepLab
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the precisions PackedNetwork runs
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt parameters (glibc's malloc.h)
-_KEEP_BYTES = 1 << 30  # freed memory kept for reuse, and the size from which blocks are mapped on their own
-_kept: bool | None = None
-_kept_lock = threading.Lock()
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc (process-wide) to keep freed blocks up to 1 GiB for reuse instead of returning them to
-    the kernel, from every thread: the network's large activations then cost no page faults after the first
-    call. Peak memory is unchanged; it is just not given back. True when applied (glibc), False elsewhere."""
-    global _kept
-    with _kept_lock:
-        if _kept is None:
-            try:
-                mallopt = ctypes.CDLL(None).mallopt
-            except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
-                _kept = False
-            else:
-                _kept = all(mallopt(param, value) == 1 for param, value in
-                            ((_M_MMAP_THRESHOLD, _KEEP_BYTES), (_M_TRIM_THRESHOLD, _KEEP_BYTES), (_M_ARENA_MAX, 1)))
-        return _kept
 
 
 @dataclass
@@ -87,7 +66,7 @@ def _pool(layer: Layer, x: torch.Tensor) -> torch.Tensor:
 class PackedNetwork:
     """A DeepLab's layers as oneDNN primitives with packed weights and fused ReLU; fp32 or bf16, on the CPU.
 
-    Calling it keeps freed memory for reuse process-wide (keep_freed_memory). The layer sequence must be a chain
+    Calling it keeps freed memory for reuse process-wide (allocator.keep_freed_memory). The layer sequence must be a chain
     (every DeepLab v1 variant is); ValueError otherwise.
     """
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deeplab_cli import runtime
+from deeplab_cli import allocator
 from deeplab_cli.pipeline import Segmenter
-from deeplab_cli.runtime import PackedNetwork, keep_freed_memory
+from deeplab_cli.allocator import keep_freed_memory
+from deeplab_cli.runtime import PackedNetwork
 from deeplab_cli.testing import random_model
 
 
@@ -58,7 +59,7 @@ def test_unknown_precision_is_refused() -> None:
 
 
 def test_freed_memory_is_kept_once_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runtime, "_kept", None)
+    monkeypatch.setattr(allocator, "_kept", None)
     first = keep_freed_memory()
     assert isinstance(first, bool) and keep_freed_memory() is first
 
