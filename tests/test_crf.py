@@ -90,3 +90,16 @@ def test_parameter_validation_and_backends() -> None:
     assert resolve_backend("pydensecrf", "cuda") == "pydensecrf"
     with pytest.raises(ValueError, match="backend"):
         resolve_backend("gpu")
+
+
+def test_finite_values_whose_sum_overflows_are_accepted() -> None:
+    """The finiteness check sums first: a sum that overflows from finite values must not read as inf."""
+    from deeplab_cli.unary import check_probs
+
+    scores = np.zeros((2, 4, 5), np.float32)
+    scores[:, :2] = 3e38  # finite, but their float32 sum is inf
+    check_probs(scores, (4, 5), logits=True)
+    check_probs(torch.from_numpy(scores), (4, 5), logits=True)
+    scores[1, 3, 4] = np.nan
+    with pytest.raises(ValueError, match=r"1 NaN value\(s\) \(first at class 1, y 3, x 4\)"):
+        check_probs(torch.from_numpy(scores), (4, 5), logits=True)
