@@ -406,11 +406,10 @@ def position_kernel(shapes: Sequence[tuple[int, int]], sxy: float, device: torch
 
 
 class _Pairwise:
-    """u + Σₖ wₖ·nₖ∘Kₖ(nₖ∘q)·log₂e over the Potts kernels: a unary u plus minus the pairwise energy, in log₂ units.
+    """Σₖ wₖ·nₖ∘Kₖ(nₖ∘q)·log₂e over the Potts kernels: minus the pairwise energy, in log₂ units.
 
-    Each kernel splats and blurs on its own lattice, into one value table per label chunk whose last N rows hold
-    u; the slices of all kernels and the unary are one weighted gather (each pixel's bag holds its simplex
-    vertices in every lattice, then its own unary row).
+    Each kernel splats and blurs on its own lattice, into one value table; the slices of all kernels are one
+    weighted gather (each point's bag holds its simplex vertices in every lattice).
     """
 
     def __init__(self, kernels: Sequence[Kernel], weights: Sequence[float], chunk_bytes: int | None = None):
@@ -418,38 +417,27 @@ class _Pairwise:
         dev = kernels[0].slice_weights.device
         rows = [k.lattice.m for k in kernels]
         self.row_starts = [sum(rows[:k]) for k in range(len(rows) + 1)]
-        bag = sum(k.lattice.d + 1 for k in kernels) + 1
-        itype = _index_dtype(n * bag + 1, self.row_starts[-1] + n)
+        total_d1 = sum(k.lattice.d + 1 for k in kernels)
+        itype = _index_dtype(n * total_d1 + 1, self.row_starts[-1])
         self.lattices = [k.lattice for k in kernels]
-        own_row = torch.arange(self.row_starts[-1], self.row_starts[-1] + n, dtype=itype, device=dev)[:, None]
-        self.slice_index = torch.cat([k.lattice.vertices.to(itype) + r for k, r in zip(kernels, self.row_starts)]
-                                     + [own_row], dim=1).reshape(-1)
-        self.slice_weights = torch.cat([k.slice_weights * (w * LOG2E) for k, w in zip(kernels, weights)]
-                                       + [torch.ones((n, 1), device=dev)], dim=1).reshape(-1)
-        self.slice_bounds = torch.arange(0, n * bag + 1, bag, dtype=itype, device=dev)
+        self.slice_index = torch.cat([k.lattice.vertices.to(itype) + r for k, r in zip(kernels, self.row_starts)],
+                                     dim=1).reshape(-1)
+        self.slice_weights = torch.cat([k.slice_weights * (w * LOG2E) for k, w in zip(kernels, weights)],
+                                       dim=1).reshape(-1)
+        self.slice_bounds = torch.arange(0, n * total_d1 + 1, total_d1, dtype=itype, device=dev)
         # Labels are filtered independently: chunk them so the value buffers stay under chunk_bytes.
-        per_label = 4 * (4 * self.row_starts[-1] + 3 * n)
+        per_label = 4 * (4 * self.row_starts[-1] + 2 * n)
         self.labels_per_pass = max(1, (chunk_bytes or CHUNK_BYTES) // per_label)
 
-    def tables(self, unary: torch.Tensor) -> list[torch.Tensor]:
-        """unary (N, C) → per label chunk its value table (lattice rows, then the chunk's unary rows)."""
-        m, step = self.row_starts[-1], self.labels_per_pass
-        tables = []
-        for i in range(0, unary.shape[1], step):
-            table = unary.new_empty((m + len(unary), min(step, unary.shape[1] - i)))
-            table[m:] = unary[:, i : i + step]
-            tables.append(table)
-        return tables
+    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        """q (N, C) float32 → the summed messages (N, C)."""
+        c, step = q.shape[1], self.labels_per_pass
+        if step >= c:
+            return self._messages(q)
+        return torch.cat([self._messages(q[:, i : i + step].contiguous()) for i in range(0, c, step)], dim=1)
 
-    def __call__(self, q: torch.Tensor, tables: list[torch.Tensor]) -> torch.Tensor:
-        """q (N, C) float32 and the unary's tables → unary + messages (N, C)."""
-        if len(tables) == 1:
-            return self._messages(q, tables[0])
-        step = self.labels_per_pass
-        return torch.cat([self._messages(q[:, i * step : (i + 1) * step].contiguous(), table)
-                          for i, table in enumerate(tables)], dim=1)
-
-    def _messages(self, q: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    def _messages(self, q: torch.Tensor) -> torch.Tensor:
+        table = q.new_empty((self.row_starts[-1], q.shape[1]))
         for lat, a, b in zip(self.lattices, self.row_starts, self.row_starts[1:]):
             lat.blur(lat.splat(q), out=table[a:b])
         return _bags(self.slice_index, table, self.slice_bounds, self.slice_weights)
@@ -546,13 +534,11 @@ def _mean_field(images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor], i
         del kernels
         exact = min(w for w, _, _ in terms) < 0
         if not exact:  # a pixel's messages sum to its message for Q ≡ 1 whatever Q is: that bounds each of them
-            ones = torch.ones((len(log_p), 1), dtype=torch.float32, device=dev)
-            bound = pairwise(ones, pairwise.tables(torch.zeros_like(ones)))
+            bound = pairwise(torch.ones((len(log_p), 1), dtype=torch.float32, device=dev))
             exact = bool(bound.max() > SHIFT_RANGE)
-        tables = pairwise.tables(log_p if exact else log_p.sub_(top.add_(bound)))
-        del log_p
+        unary = log_p if exact else log_p.sub_(top.add_(bound))
         for _ in range(iterations):
-            x = pairwise(q, tables)
+            x = pairwise(q).add_(unary)
             if exact:
                 x -= x.amax(1, keepdim=True)
             q = _normalise(x)
