@@ -97,7 +97,7 @@ class PackedNetwork:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, 3, H, W) float32 on the CPU → class scores (N, C, h, w) float32."""
         keep_freed_memory()
-        x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        x = x.to(dtype=self.dtype, memory_format=torch.channels_last)  # one pass
         for layer, conv in self.steps:
             if conv is not None:
                 x = conv(x)
