@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -200,7 +199,7 @@ def _available(runtime: Runtime, args: argparse.Namespace) -> str | None:
     """None when the runtime can run here, else why not."""
     import importlib.util
 
-    from deeplab_cli.precision import cpu_has_bf16
+    from deeplab_cli.cpu import cpu_has_bf16
 
     if runtime.opt_in and not args.compile:
         return "needs --compile (its first call costs 30+ s)"
@@ -240,16 +239,6 @@ def prepare(args: argparse.Namespace, folder: Path, need_onnx: bool) -> tuple[di
             torch.onnx.export(model, (x,), files["onnx"], input_names=["data"], output_names=["scores"],
                               opset_version=17, dynamo=False)
     return files, reference, arch
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def versions() -> dict[str, str]:
@@ -326,7 +315,9 @@ def main() -> None:
         "x_ours": round(float(np.median(np.array(times[w.runtime.key]) / ours)), 3),
         "agreement": round(agreement[w.runtime.key], 6), "first_call_s": round(w.first_call, 2),
     } for w in workers]
-    report = {"cpu": cpu_model(), "threads": args.threads, "size": list(args.size), "arch": arch,
+    from deeplab_cli.cpu import cpu_name
+
+    report = {"cpu": cpu_name(), "threads": args.threads, "size": list(args.size), "arch": arch,
               "weights": args.weights or f"random (seed {args.seed})", "rounds": args.rounds,
               "load_average_before": [round(v, 2) for v in load_before],
               "load_average_after": [round(v, 2) for v in os.getloadavg()], "versions": versions(),

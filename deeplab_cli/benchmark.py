@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -25,11 +24,13 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from .cpu import cpu_name
 from .crf import BACKENDS, CRFParams, dense_crf, resolve_backend
 from .errors import UsageError
 from .io import decode_image, decode_photo, encode_mask_png, is_image_path, read_bytes
 from .model import ARCHS, DeepLab
 from .palette import load_class_names
+from .peers import choose_runtimes, missing
 from .pipeline import Segmenter, select_device, torch_dtype
 from .precision import check_precision
 from .resolution import DEFAULT_MAX_SIDE, downscale, working_size
@@ -57,6 +58,7 @@ class BenchmarkOptions:
     device: str = "auto"
     precision: str | None = None  # None: the pipeline's default for the device
     channels_last: bool = True  # as Segmenter does by default
+    runtime: str = "auto"  # what runs the network (precision.RUNTIMES)
     arch: str | None = None  # None: the weights file's, else largefov
     weights: str | os.PathLike | None = None  # None: random weights of the real architecture
     classes_file: str | os.PathLike | None = None
@@ -161,21 +163,35 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
-def variants_for(device: torch.device) -> list[tuple[str, bool, bool]]:
-    """(precision, channels_last, packed) worth timing on a device; eager fp32 contiguous first (the reference).
+def variants_for(device: torch.device) -> list[dict[str, Any]]:
+    """The network variants worth timing on a device, eager fp32 contiguous first (the reference): each a dict of
+    precision, channels_last, packed and runtime (Segmenter's arguments).
 
-    On the CPU: eager fp32 without and with channels_last, then runtime.PackedNetwork (the default) in fp32
-    and, where the CPU has bf16 instructions, bf16. On CUDA: every precision, without and with channels_last.
+    On the CPU: eager fp32 without and with channels_last, runtime.PackedNetwork (the default) in fp32 and, on
+    CPUs with bf16 instructions, bf16, then the installed peers (peers.py): ONNX Runtime fp32, OpenVINO fp32 and
+    bf16. On CUDA: every precision, eager, without and with channels_last.
     """
-    if device.type == "cpu":
-        return [("fp32", False, False), ("fp32", True, False), ("fp32", True, True)] + \
-            ([("bf16", True, True)] if cpu_supports_bf16() else [])
-    precisions = ["fp32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
-    return [(p, cl, False) for p in precisions for cl in (False, True)]
+    def v(precision: str, channels_last: bool, packed: bool = False, runtime: str = "torch") -> dict[str, Any]:
+        return {"precision": precision, "channels_last": channels_last, "packed": packed, "runtime": runtime}
+
+    if device.type == "cuda":
+        precisions = ["fp32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+        return [v(p, cl) for p in precisions for cl in (False, True)]
+    bf16 = cpu_supports_bf16()
+    out = [v("fp32", False), v("fp32", True), v("fp32", True, True)] + ([v("bf16", True, True)] if bf16 else [])
+    if missing("onnxruntime") is None:
+        out.append(v("fp32", True, runtime="onnxruntime"))
+    if missing("openvino") is None:
+        out += [v("fp32", True, runtime="openvino")] + ([v("bf16", True, runtime="openvino")] if bf16 else [])
+    return out
 
 
-def variant_name(precision: str, channels_last: bool, packed: bool = False) -> str:
-    return precision + (" packed" if packed else " + channels_last" if channels_last else "")
+def variant_name(variant: dict[str, Any]) -> str:
+    """'fp32', 'fp32 + channels_last', 'bf16 packed', 'fp32 on openvino'."""
+    precision = variant["precision"]
+    if variant.get("runtime", "torch") != "torch":
+        return f"{precision} on {variant['runtime']}"
+    return precision + (" packed" if variant.get("packed") else " + channels_last" if variant["channels_last"] else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,11 +327,12 @@ def load_model(opts: BenchmarkOptions) -> tuple[DeepLab, str | None]:
 
 def make_segmenter(model: DeepLab, device: torch.device, precision: str | None, channels_last: bool,
                    opts: BenchmarkOptions, crf: CRFParams | None = None, crf_backend: str = "pydensecrf",
-                   packed: bool | None = None) -> Segmenter:
+                   packed: bool | None = None, runtime: str | None = None) -> Segmenter:
     """A Segmenter over the shared model, its memory format reset first (channels_last converts it in place)."""
     model.to(memory_format=torch.contiguous_format)
     return Segmenter(model, device=device, precision=precision, pad_to=opts.pad_to, crf=crf,
-                     crf_backend=crf_backend, channels_last=channels_last, packed=packed)
+                     crf_backend=crf_backend, channels_last=channels_last, packed=packed,
+                     runtime=runtime or opts.runtime)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,13 +343,7 @@ def device_name(device: torch.device) -> str:
     """A human name for the device (GPU model, or the CPU's model name)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
+    return cpu_name()
 
 
 def environment(opts: BenchmarkOptions, device: torch.device, seg: Segmenter, weights: str | None,
@@ -350,6 +361,7 @@ def environment(opts: BenchmarkOptions, device: torch.device, seg: Segmenter, we
         "precision": seg.precision,
         "channels_last": seg.channels_last,
         "packed": seg.packed,
+        "runtime": seg.runtime,
         "arch": seg.arch.name,
         "num_classes": seg.num_classes,
         "weights": weights,
@@ -437,8 +449,10 @@ def time_variants(model: DeepLab, device: torch.device, images: Sequence[np.ndar
     results: list[dict[str, Any]] = []
     reference: list[np.ndarray] | None = None
     hw = [im.shape[:2] for im in images]
-    for precision, channels_last, packed in variants_for(device):
-        seg = make_segmenter(model, device, precision, channels_last, opts, packed=packed)
+    for variant in variants_for(device):
+        precision = variant["precision"]
+        seg = make_segmenter(model, device, precision, variant["channels_last"], opts, packed=variant["packed"],
+                             runtime=variant["runtime"])
         x = seg.prepare(images, seg.input_size(*opts.size))
         for _ in range(opts.warmup):
             seg.scores(x)
@@ -455,9 +469,7 @@ def time_variants(model: DeepLab, device: torch.device, images: Sequence[np.ndar
         median = statistics.median(seconds)
         gflops = flops * opts.batch_size / median / 1e9
         results.append({
-            "precision": precision,
-            "channels_last": channels_last,
-            "packed": packed,
+            **variant,
             "network": spread_ms(seconds, opts.batch_size),
             "fps": round(opts.batch_size / median, 3),
             "gflops": round(gflops, 2),
@@ -465,7 +477,7 @@ def time_variants(model: DeepLab, device: torch.device, images: Sequence[np.ndar
             "fraction_of_matmul": round(gflops / matmul[precision], 4),
             "agreement": round(agree, 6),
         })
-        log(f"variant {variant_name(precision, channels_last, packed)}: {1000 * median / opts.batch_size:.0f} ms/image, "
+        log(f"variant {variant_name(variant)}: {1000 * median / opts.batch_size:.0f} ms/image, "
             f"argmax agreement with fp32 {100 * agree:.2f}%")
     model.to(memory_format=torch.contiguous_format)
     return results
@@ -562,8 +574,11 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
             report["variants"] = variants
             correct = [v for v in variants if v["agreement"] >= AGREEMENT_THRESHOLD]
             best = min(correct, key=lambda v: v["network"]["median_ms"])
-            report["recommended"] = {"precision": best["precision"], "channels_last": best["channels_last"],
-                                     "packed": best["packed"], "agreement_threshold": AGREEMENT_THRESHOLD}
+            report["recommended"] = {key: best[key] for key in ("precision", "channels_last", "packed", "runtime")}
+            report["recommended"]["agreement_threshold"] = AGREEMENT_THRESHOLD
+            if device.type == "cpu":
+                report["runtime_choice"] = choose_runtimes(variants, {"size": list(opts.size),
+                                                                     "batch_size": opts.batch_size})
     else:
         images = [fit_image(decode_image(data, name), opts.size) for name, data in source.batch(0, 1)]
 

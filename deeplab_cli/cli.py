@@ -15,9 +15,10 @@ import click
 
 from . import __version__
 from .archs import ARCHS
+from .cpu import cpu_has_bf16
 from .crf import BACKENDS, PRESETS
 from .errors import DeeplabError, UsageError
-from .precision import BF16_NOTE, PRECISIONS, cpu_has_bf16, faster_precision_note
+from .precision import BF16_NOTE, PRECISIONS, RUNTIMES, faster_precision_note
 from .resolution import DEFAULT_MAX_SIDE
 
 
@@ -107,6 +108,10 @@ model_options = _stack(
     click.option("--precision", type=click.Choice(list(PRECISIONS)), default=None,
                  help=f"Network precision (default: fp16 on CUDA, fp32 on CPU). {BF16_NOTE}"
                       f"{' (this CPU has them)' if cpu_has_bf16() else ''}."),
+    click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
+                 help="What runs the network on the CPU: torch (ours: oneDNN with weights packed once), onnxruntime "
+                      "or openvino (optional extras: pip install 'deeplab-cli[openvino]'). auto: ours, unless "
+                      "`deeplab benchmark` measured a peer faster here with labels as good."),
     click.option("--pad-to", type=click.IntRange(min=1), default=None,
                  help="Pad every image to this square size (513 reproduces the VOC test scripts)."),
     click.option("--classes", "classes_file", type=click.Path(dir_okay=False), default=None,
@@ -177,14 +182,15 @@ def segmenter_from(opts: dict[str, Any], log: bool = True, in_pool: bool = False
     seg = Segmenter.from_weights(
         weights, device=device, precision=opts.get("precision"), pad_to=opts.get("pad_to"), crf=crf_params_from(opts),
         crf_backend=resolve_backend(opts.get("crf_backend", "auto"), str(device), in_pool), class_names=names,
-        max_side=opts.get("max_side", DEFAULT_MAX_SIDE),
+        max_side=opts.get("max_side", DEFAULT_MAX_SIDE), runtime=opts.get("runtime", "auto"),
     )
     if log:
         crf = f"CRF {seg.crf_backend}" if seg.crf else "no CRF"
         side = f"max side {seg.max_side}" if seg.max_side else "full resolution"
         note = faster_precision_note(seg.device.type, seg.precision)
+        runtime = f" on {seg.runtime}" if seg.runtime != "torch" else ""
         click.echo(f"deeplab: {weights.path} ({weights.arch}, {weights.num_classes} classes) on {seg.device} "
-                   f"{seg.precision}, {crf}, {side}" + (f" ({note})" if note else ""), err=True)
+                   f"{seg.precision}{runtime}, {crf}, {side}" + (f" ({note})" if note else ""), err=True)
     return seg
 
 
@@ -489,6 +495,29 @@ def weights_info(file: str, as_json: bool) -> None:
             click.echo(f"{key}: {f'{value:,}' if key in ('parameters', 'size') else value}")
 
 
+@main.command(name="export")
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True,
+              help="onnx: opset 17, input `data` (N, 3, H, W) mean-subtracted BGR, output `scores` (N, C, h, w); "
+                   "batch and size are dynamic. ONNX Runtime and OpenVINO reproduce our fp32 scores.")
+@click.option("-o", "--output", required=True, metavar="OUT.onnx", help="The file to write ('-' for stdout).")
+@click.option("--weights", "weights", metavar="PATH", help="Weights file (default: as for segment).")
+@click.option("--offline", is_flag=True, envvar="DEEPLAB_OFFLINE", help="Never download the default model.")
+@click.option("--arch", type=click.Choice(list(ARCHS)), default=None, help="Architecture (default: the file's).")
+def export_command(fmt: str, output: str, weights: str | None, offline: bool, arch: str | None) -> None:
+    """Export the network (without the CRF) for other runtimes."""
+    from .console import DownloadProgress, stderr_console
+    from .peers import export_onnx
+    from .weightfiles.fetch import resolve_or_fetch
+    from .weightfiles.formats import build_model, load_weights
+
+    with DownloadProgress(stderr_console()) as progress:
+        path = resolve_or_fetch(weights, offline=offline, progress=progress)
+    loaded = load_weights(path, arch=arch)
+    export_onnx(build_model(loaded), output)
+    click.echo(f"deeplab: wrote {output} ({fmt}, {loaded.arch}, {loaded.num_classes} classes, from {loaded.path})",
+               err=True)
+
+
 @main.command()
 @click.option("--fps", is_flag=True, help="Time every stage of the pipeline (the default unless only --compare is given).")
 @click.option("--compare", is_flag=True, help="Time the available CRF backends side by side on the same input.")
@@ -503,7 +532,8 @@ def weights_info(file: str, as_json: bool) -> None:
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="Run the network in channels_last memory format (segment and batch do).")
 @click.option("--variants/--no-variants", default=True, show_default=True,
-              help="Also time every precision / memory format of the device and its argmax agreement with fp32.")
+              help="Also time every precision / memory format / installed runtime of the device and its argmax "
+                   "agreement with fp32; on the CPU, record which runtime `--runtime auto` then uses here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object on stdout (keys: README).")
 @model_options
 @crf_options
@@ -518,7 +548,8 @@ def benchmark(fps: bool, compare: bool, size: str, batch_size: int, iters: int, 
     crf = crf_params_from({**opts, "no_crf": False})  # --compare times the CRF even with --no-crf
     options = BenchmarkOptions(
         size=parse_size(size), batch_size=batch_size, iters=iters, warmup=warmup, device=opts["device"],
-        precision=opts["precision"], channels_last=channels_last, arch=opts["arch"], weights=opts["weights"],
+        precision=opts["precision"], channels_last=channels_last, runtime=opts["runtime"], arch=opts["arch"],
+        weights=opts["weights"],
         classes_file=opts["classes_file"], pad_to=opts["pad_to"], images=images_dir, max_side=opts["max_side"], crf=crf,
         use_crf=not opts["no_crf"], crf_backend=opts["crf_backend"], fps=fps or not compare, variants=variants,
         compare=compare,

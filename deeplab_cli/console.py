@@ -265,7 +265,7 @@ def render_benchmark(report: dict[str, Any], console: Console) -> None:
                   + (f", load {load[0]:.2f}" if load else "")),
         ("model", f"{env['arch']}, {env['num_classes']} classes, "
                   + ("random weights" if env["random_weights"] else str(env["weights"]))),
-        ("precision", variant_name(env["precision"], env["channels_last"], env.get("packed", False))),
+        ("precision", variant_name(env)),
         ("size", f"{format_size(env['image_size'])} (network input {format_size(env['input_size'])}), batch {env['batch_size']}"),
         ("runs", f"{env['iters']} timed (medians, min/max) after {env['warmup']} warm-up; images: {env['images']}"),
         ("CRF", f"{env['crf_backend']}, {env['crf']['iterations']} iterations" if env["crf_backend"] else "off"),
@@ -301,14 +301,17 @@ def render_benchmark(report: dict[str, Any], console: Console) -> None:
             table.add_column(name, justify="right")
         for v in report["variants"]:
             n = v["network"]
-            name = variant_name(v["precision"], v["channels_last"], v.get("packed", False))
+            name = variant_name(v)
             table.add_row(name, f"{n['median_ms']:.1f}", f"{n['min_ms']:.0f}-{n['max_ms']:.0f}", f"{v['gflops']:.1f}",
                           f"{100 * v['fraction_of_matmul']:.0f}%", f"{100 * v['agreement']:.2f}%")
         console.print(table)
         rec = report["recommended"]
         console.print(f"fastest with ≥ {100 * rec['agreement_threshold']:.1f}% argmax agreement: "
-                      f"{variant_name(rec['precision'], rec['channels_last'], rec.get('packed', False))}"
+                      f"{variant_name(rec)}"
                       + (" (random weights: agreement is only indicative)" if env["random_weights"] else ""))
+        if report.get("runtime_choice"):
+            console.print("--runtime auto will use here: " + ", ".join(
+                f"{precision} → {runtime}" for precision, runtime in report["runtime_choice"].items()))
 
     if "crf_compare" in report:
         cmp = report["crf_compare"]

@@ -22,6 +22,7 @@ from .errors import DeeplabError, UsageError
 from .memory import available_bytes, estimate_bytes, format_bytes
 from .model import DeepLab
 from .palette import load_class_names
+from .peers import peer_network, resolve_runtime
 from .precision import PRECISIONS, check_precision
 from .resolution import DEFAULT_MAX_SIDE, downscale, upsample_labels, working_size
 from .runtime import PackedNetwork
@@ -85,6 +86,7 @@ class Segmenter:
         channels_last: bool = True,
         max_side: int | None = DEFAULT_MAX_SIDE,
         packed: bool | None = None,
+        runtime: str = "auto",
     ) -> None:
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self.precision = check_precision(precision, self.device.type)
@@ -92,11 +94,14 @@ class Segmenter:
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
-        # On the CPU the network runs as runtime.PackedNetwork (weights packed once, ReLU fused); eager on CUDA.
-        self.packed = self.device.type == "cpu" if packed is None else packed
+        # On the CPU the network runs as runtime.PackedNetwork (weights packed once, ReLU fused) or, where asked
+        # or measured faster (peers.py), on ONNX Runtime / OpenVINO; eager PyTorch on CUDA.
+        self.runtime = resolve_runtime(runtime, self.device.type, self.precision)
+        self.packed = self.runtime == "torch" and (self.device.type == "cpu" if packed is None else packed)
         if self.packed and self.device.type != "cpu":
             raise UsageError(f"the packed network runs on the CPU, not on {self.device}")
-        self.network = PackedNetwork(self.model, self.precision) if self.packed else None
+        self.network = (peer_network(self.runtime, self.model, self.precision) if self.runtime != "torch"
+                        else PackedNetwork(self.model, self.precision) if self.packed else None)
         self.arch = model.arch
         self.pad_to = pad_to
         if pad_to is not None:

@@ -1,13 +1,17 @@
-"""Network precisions: their names (the `--precision` choices), torch dtypes, and which one each device runs.
+"""Network precisions and runtimes: their names (the `--precision` and `--runtime` choices), torch dtypes, and
+which precision each device runs.
 
 Torch-free (dtypes are named, not imported), so that the command line builds its choices without torch.
 """
 
 from __future__ import annotations
 
+from .cpu import cpu_has_bf16
 from .errors import UsageError
 
 PRECISIONS: dict[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # name → torch dtype name
+PEERS: dict[str, str] = {"onnxruntime": "onnxruntime", "openvino": "openvino"}  # optional CPU runtimes → their module
+RUNTIMES: tuple[str, ...] = ("auto", "torch", *PEERS)  # the --runtime choices (peers.py runs the peers)
 
 
 def default_precision(device_type: str) -> str:
@@ -23,19 +27,6 @@ def check_precision(precision: str | None, device_type: str) -> str:
     if precision == "fp16" and device_type == "cpu":
         raise UsageError("fp16 is only offered on CUDA; use fp32 or bf16 on the CPU")
     return precision
-
-
-def cpu_has_bf16() -> bool:
-    """True when this CPU has bf16 instructions (AVX512-BF16 or AMX-BF16; Linux /proc/cpuinfo), without torch."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
 
 
 BF16_NOTE = "bf16 runs about 2× faster than fp32 on CPUs with bf16 instructions, with ~99.7 % of fp32's labels"

@@ -21,6 +21,18 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("deeplab-cache")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(_session_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never read the user's cache (its weights, or the runtime `deeplab benchmark` recorded for --runtime
+    auto); tests that need their own cache set $DEEPLAB_CACHE again."""
+    monkeypatch.setenv("DEEPLAB_CACHE", str(_session_cache))
+
+
+@pytest.fixture(scope="session")
 def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LargeFOV .safetensors file with seeded random weights (21 VOC classes)."""
     path = tmp_path_factory.mktemp("weights") / "largefov_random.safetensors"

@@ -25,7 +25,8 @@ from deeplab_cli.errors import UsageError
 TINY = ["--size", "33x41", "--iters", "1", "--warmup", "0", "--device", "cpu"]
 SPREAD_KEYS = {"median_ms", "min_ms", "max_ms"}
 ENV_KEYS = {
-    "device", "device_name", "torch", "threads", "cpu_count", "load_average", "precision", "channels_last", "packed", "arch",
+    "device", "device_name", "torch", "threads", "cpu_count", "load_average", "precision", "channels_last", "packed", "runtime",
+    "arch",
     "num_classes", "weights", "random_weights", "image_size", "input_size", "batch_size", "iters", "warmup", "images",
     "crf_backend", "crf",
 }
@@ -65,6 +66,10 @@ def test_fps_end_to_end_prints_every_stage_and_documented_json() -> None:
         {("fp32", False, False), ("fp32", True, False), ("fp32", True, True)}
     packed = next(v for v in variants if v["packed"] and v["precision"] == "fp32")
     assert packed["agreement"] == 1.0 and env["packed"] is True  # the CPU default: eager fp32's labels
+    for v in variants:
+        if v["runtime"] != "torch" and v["precision"] == "fp32":  # installed peers, timed on the same input
+            assert v["agreement"] == 1.0, v
+    assert report["runtime_choice"]["fp32"] in {"torch", "onnxruntime", "openvino"}  # recorded for --runtime auto
     for v in variants:
         assert set(v["network"]) == SPREAD_KEYS and 0.0 <= v["agreement"] <= 1.0 and v["matmul_gflops"] > 0
     assert report["recommended"]["precision"] in {"fp32", "bf16"}
