@@ -25,9 +25,8 @@ from deeplab_cli.errors import UsageError
 TINY = ["--size", "33x41", "--iters", "1", "--warmup", "0", "--device", "cpu"]
 SPREAD_KEYS = {"median_ms", "min_ms", "max_ms"}
 ENV_KEYS = {
-    "device", "device_name", "torch", "threads", "cpu_count", "load_average", "precision", "channels_last", "packed", "runtime",
-    "arch",
-    "num_classes", "weights", "random_weights", "image_size", "input_size", "batch_size", "iters", "warmup", "images",
+    "device", "device_name", "torch", "threads", "cpu_count", "load_average", "precision", "channels_last", "packed",
+    "runtime", "arch", "num_classes", "weights", "random_weights", "image_size", "input_size", "batch_size", "iters", "warmup", "images",
     "crf_backend", "crf",
 }
 
