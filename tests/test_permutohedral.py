@@ -214,3 +214,28 @@ def test_segment_cli_with_torch_backend(weights_file, photo_file, tmp_path) -> N
         masks[backend] = np.array(Image.open(out))
     assert masks["torch"].shape == Image.open(photo_file).size[::-1]
     assert (masks["torch"] == masks["pydensecrf"]).mean() >= 0.995
+
+
+@pytest.mark.parametrize("params", [CRFParams(pos_w=-2.0, bi_w=4.0), CRFParams(bi_w=400.0)], ids=["negative", "huge"])
+def test_weights_outside_the_precomputed_shift_subtract_the_row_maximum(params: CRFParams,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative weights, or messages spanning more than 2^SHIFT_RANGE, take the exact row-maximum path (as
+    pydensecrf does); the precomputed shift gives the same Q wherever it applies."""
+    image = small_photo("chelsea", (64, 48))
+    probs = random_smooth_probs(48, 64, 5, seed=8)
+    shifted = []
+    original = permutohedral._normalise
+
+    def spy(x: torch.Tensor) -> torch.Tensor:
+        shifted.append(float(x.max()))
+        return original(x)
+
+    monkeypatch.setattr(permutohedral, "_normalise", spy)
+    q = torch_q(image, probs, params)
+    assert max(shifted[1:]) == 0.0  # every iteration's logits had their row maximum subtracted
+    ref = dense_crf_pydensecrf(image, probs, params)
+    assert (q.argmax(0) == ref.argmax(0)).mean() >= 0.999 and np.abs(q - ref).max() <= 1e-4
+    shifted.clear()  # default weights: the precomputed shift applies
+    q = torch_q(image, probs, PRESETS["largefov"])
+    assert max(shifted[1:]) < 0.0
+    assert np.abs(q - dense_crf_pydensecrf(image, probs, PRESETS["largefov"])).max() <= 1e-4
