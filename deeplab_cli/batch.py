@@ -230,11 +230,15 @@ class OutputPaths:
 
 @dataclass(frozen=True)
 class Job:
-    """One image to segment: where to read it, where to write (None: write nothing), and caller data."""
+    """One image to segment: where to read it, where to write (None: write nothing), and caller data.
+
+    image: the picture already decoded ((H, W, 3) uint8 RGB, e.g. a video frame); path is then only its name.
+    """
 
     path: Path
     outputs: OutputPaths | None = None
     tag: Any = None
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def plan_jobs(
@@ -523,6 +527,11 @@ class BatchRun:
 
     # -- control
 
+    @property
+    def stopping(self) -> bool:
+        """True once stop(), a Ctrl-C or an abort asked the run to end (a lazy jobs iterable may stop waiting)."""
+        return self._stop.is_set()
+
     def stop(self) -> None:
         """Stop feeding new images; those past decoding are finished, then the iteration ends."""
         self.interrupted = True
@@ -649,7 +658,7 @@ class BatchRun:
 
     def _decode(self, job: Job) -> _Item:
         t0 = time.perf_counter()
-        image = decode_image(read_bytes(job.path), str(job.path))
+        image = job.image if job.image is not None else decode_image(read_bytes(job.path), str(job.path))
         item = _Item(job, image, self.segmenter.input_size(*image.shape[:2]))
         item.timings["decode"] = time.perf_counter() - t0
         return item

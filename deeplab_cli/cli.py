@@ -118,6 +118,42 @@ pipeline_options = _stack(
                  help="torch threads for the network [torch's default: the core count]."),
 )
 
+
+
+class TimeType(click.ParamType):
+    """A point in a video: 10s, 1.5s, 500ms, 2m, 1h, 1:02.5, 1:00:02, or a frame number like 250f."""
+
+    name = "TIME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from .video import TimePoint, parse_time
+
+        if isinstance(value, TimePoint):
+            return value
+        try:
+            return parse_time(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+# Which frames of a video are segmented (video.FrameSelection).
+video_options = _stack(
+    click.option("--every", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+                 help="Videos: segment every Nth frame of the selection."),
+    click.option("--start", type=TimeType(), default=None,
+                 help="Videos: first frame, a time (10s, 1m, 1:02.5) or a frame number (250f)."),
+    click.option("--end", type=TimeType(), default=None,
+                 help="Videos: stop before this time or frame number (exclusive)."),
+)
+
+
+def selection_from(every: int, start: Any, end: Any):
+    """The video.FrameSelection of --every / --start / --end."""
+    from .video import FrameSelection
+
+    return FrameSelection(start, end, every)
+
+
 def crf_params_from(opts: dict[str, Any]):
     """CRFParams from the shared CRF options, or None with --no-crf."""
     from .crf import PRESETS
@@ -170,15 +206,38 @@ def _same_file(a: str, b: str) -> bool:
 
 
 @main.command()
-@click.argument("image", metavar="IMAGE")
-@click.option("-o", "--output", required=True, metavar="OUT.png", help="Palette PNG mask ('-' for stdout).")
-@click.option("--overlay", metavar="PATH", default=None, help="Also write the image blended with the colour mask.")
+@click.argument("image", metavar="IMAGE|VIDEO")
+@click.option("-o", "--output", required=True, metavar="OUT.png|DIR|OUT.mkv",
+              help="Palette PNG mask ('-' for stdout); for a video a folder of NNN.png masks or a lossless label "
+                   "video (.mkv, .avi, .mov).")
+@click.option("--overlay", metavar="PATH", default=None,
+              help="Also write the image blended with the colour mask; for a video an .mp4/.mov/.mkv/.avi at the "
+                   "source frame rate ÷ --every, or a folder of NNN.jpg.")
 @click.option("--save-probs", metavar="PATH.npy", default=None,
-              help="Also save (C, H, W) float32 softmax probabilities before the CRF.")
+              help="Also save (C, H, W) float32 softmax probabilities before the CRF (images only).")
+@click.option("--overwrite", is_flag=True, help="Videos: redo frames whose masks exist in -o DIR (default: resume).")
+@video_options
 @model_options
 @crf_options
-def segment(image: str, output: str, overlay: str | None, save_probs: str | None, **opts: Any) -> None:
-    """Segment one IMAGE ('-' for stdin) into a VOC-coloured palette PNG mask."""
+@pipeline_options
+def segment(image: str, output: str, overlay: str | None, save_probs: str | None, overwrite: bool, every: int,
+            start: Any, end: Any, batch_size: int | None, crf_workers: int | None, net_threads: int | None,
+            **opts: Any) -> None:
+    """Segment one IMAGE ('-' for stdin) into a VOC-coloured palette PNG mask, or every frame of a VIDEO.
+
+    Videos (.mp4 .mov .avi .mkv .webm …, read with OpenCV's FFmpeg) stream through the same pipeline as
+    `deeplab batch`: --batch-size, --crf-workers and --net-threads apply to them. Audio is not carried into
+    the outputs. A rerun into a mask folder resumes at the first missing frame; Ctrl-C finishes the frames in
+    flight and leaves a playable overlay video (exit code 130).
+    """
+    from .video import is_video_path
+
+    if is_video_path(image) and image != "-":
+        if save_probs:
+            raise UsageError("--save-probs is for images; for a video use -o DIR (masks) or -o OUT.mkv (labels)")
+        _segment_video(image, output, overlay, overwrite, selection_from(every, start, end), opts,
+                       batch_size=batch_size, crf_workers=crf_workers, net_threads=net_threads)
+        return
     from .io import overlay_image, read_image, write_image, write_mask, write_probs
 
     for out in (output, overlay, save_probs):
@@ -193,6 +252,28 @@ def segment(image: str, output: str, overlay: str | None, save_probs: str | None
     if overlay:
         write_image(overlay, overlay_image(rgb, result.labels))
     write_mask(output, result.labels)
+
+
+def _segment_video(source: str, output: str, overlay: str | None, overwrite: bool, selection: Any,
+                   opts: dict[str, Any], **pipeline: Any) -> None:
+    from .batch import exit_on_next_interrupt
+    from .video import probe_video
+    from .video_run import VideoJob, describe_result, outputs_for, segment_video_with_progress
+
+    job = VideoJob(Path(source), outputs_for(source, output, overlay), selection)
+    info = probe_video(source)  # before loading the model: a bad video fails fast
+    selection.resolve(info.fps)
+    console = stderr_console()
+    try:
+        result = segment_video_with_progress(lambda: segmenter_from(opts, in_pool=True), job, console, overwrite=overwrite,
+                                             info=info, **pipeline)
+    finally:
+        exit_on_next_interrupt(130)
+    console.print(f"deeplab: {describe_result(result)}", markup=False, highlight=False)
+    if result.interrupted:
+        sys.exit(130)
+    if not result.ok:
+        sys.exit(1)
 
 
 @main.command()

@@ -404,8 +404,9 @@ class VideoFileWriter:
     """Frames in order to a video file at fps, under a temporary name; close() finalises the container and renames it.
 
     labels=True: (H, W) uint8 class indices as gray levels in a lossless codec; else (H, W, 3) uint8 RGB.
-    The size comes from the first frame. Leaving a `with` block by an exception deletes the temporary file;
-    close() (or a clean exit) keeps what was written, so an interrupted run leaves a playable video.
+    The size comes from the first frame. close(), a clean exit from a `with` block and an exit by Ctrl-C
+    (KeyboardInterrupt) keep what was written, finalised, so an interrupted run leaves a playable video;
+    any other exception deletes the temporary file.
     """
 
     def __init__(self, path: str | os.PathLike, fps: float, labels: bool = False) -> None:
@@ -423,7 +424,10 @@ class VideoFileWriter:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self._release()
-        self._stack.__exit__(exc_type, exc, tb)
+        if exc_type is KeyboardInterrupt:
+            self._stack.close()
+        else:
+            self._stack.__exit__(exc_type, exc, tb)
 
     def write(self, frame: np.ndarray) -> None:
         """Append one frame: labels (H, W) uint8, or an image (H, W, 3) uint8 RGB."""

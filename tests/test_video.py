@@ -26,37 +26,9 @@ from deeplab_cli.video import (
     probe_video,
     read_label_video,
 )
+from video_clips import CLIP_FPS, CLIP_FRAMES, CLIP_SIZE, decode_all, make_clip
 
-FRAMES, FPS, SIZE = 30, 10.0, (96, 128)  # SIZE: (H, W)
-
-
-def make_clip(path: Path, photo: np.ndarray, frames: int = FRAMES, fps: float = FPS, fourcc: str | None = None) -> Path:
-    """A clip of moving shapes over a photo (resized to SIZE), written with OpenCV (MJPG for .avi, mp4v for .mp4)."""
-    height, width = SIZE
-    background = cv2.resize(cv2.cvtColor(photo, cv2.COLOR_RGB2BGR), (width, height), interpolation=cv2.INTER_AREA)
-    codec = fourcc or {".avi": "MJPG", ".mp4": "mp4v", ".mkv": "FFV1"}[path.suffix]
-    writer = cv2.VideoWriter(str(path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*codec), fps, (width, height))
-    assert writer.isOpened()
-    for i in range(frames):
-        frame = background.copy()
-        cv2.circle(frame, (10 + 3 * i, 30 + i), 14, (0, 0, 255), -1)
-        cv2.rectangle(frame, (width - 20 - 2 * i, 60), (width - 2 * i, 90), (255, 200, 0), -1)
-        writer.write(frame)
-    writer.release()
-    return path
-
-
-def decode_all(path: Path) -> list[np.ndarray]:
-    """Every frame of a file as RGB, read sequentially with plain OpenCV (the reference)."""
-    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
-    frames = []
-    while True:
-        ok, bgr = cap.read()
-        if not ok:
-            break
-        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-    cap.release()
-    return frames
+FRAMES, FPS, SIZE = CLIP_FRAMES, CLIP_FPS, CLIP_SIZE
 
 
 @pytest.fixture(params=[".avi", ".mp4"])

@@ -1,0 +1,374 @@
+"""Videos through the batch engine: every selected frame is a job; video outputs are written in frame order.
+
+    job = VideoJob(Path("clip.mp4"), VideoOutputs(masks=Path("clip_masks"), overlay=Path("clip_overlay.mp4")),
+                   FrameSelection(every=5))
+    result = segment_video(segmenter, job, crf_workers=2)   # VideoResult: frames done / failed / skipped, error
+    result.report_record()                                  # the --report line of this video
+
+Frames are decoded on video.FrameReader's thread and handed to batch.run_batch as jobs that carry their
+picture, so they take exactly the path of photos: network batches on the device, the CRF in the worker
+pool, masks (NNN.png) and overlay frames (NNN.jpg) written atomically by the engine's writer threads.
+Label and overlay *videos* need frames in order: results arriving in completion order wait in a reorder
+buffer (at most `window` frames ahead; the frame feed waits beyond that, so memory stays flat) and are
+appended by one writer. Audio is not carried.
+
+Resume: in a mask folder, frames whose masks exist are not segmented again. Without video outputs the
+reader starts at the first missing frame (seeking); with them it decodes the selection from its start and
+blends the existing masks (read back from their PNGs) into the overlay, so the video is whole again.
+A Ctrl-C finishes the frames in flight, then finalises the videos (playable, holding the frames so far).
+A video that cannot be opened, or ends before its declared frame count, is a failed result with its
+reason; the frames that decoded are segmented and kept.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .batch import Job, OutputPaths, remove_stale_parts, run_batch
+from .errors import DeeplabError, UsageError
+from .io import overlay_image, read_label_image
+from .video import (
+    Frame,
+    FrameRange,
+    FrameReader,
+    FrameSelection,
+    InOrder,
+    VideoFileWriter,
+    VideoInfo,
+    existing_frames,
+    first_missing,
+    frame_digits,
+    frame_name,
+    is_video_path,
+    probe_video,
+)
+
+if TYPE_CHECKING:
+    from .pipeline import Segmenter
+
+FAILED_LABEL = 255  # a frame whose segmentation failed is void (VOC's ignore label) in a label video
+MAX_FRAME_ERRORS = 5  # per-frame failures kept in a result (the count covers all)
+
+
+@dataclass(frozen=True)
+class VideoOutputs:
+    """Where one video's results go: a folder of frame masks and/or a lossless label video, and an overlay.
+
+    overlay: a video file (by its extension, see video.OVERLAY_VIDEO_CODECS) or a folder of NNN.jpg frames.
+    """
+
+    masks: Path | None = None
+    labels: Path | None = None
+    overlay: Path | None = None
+
+    @property
+    def overlay_video(self) -> Path | None:
+        """The overlay when it is a video file."""
+        return self.overlay if self.overlay is not None and is_video_path(self.overlay) else None
+
+    @property
+    def overlay_frames(self) -> Path | None:
+        """The overlay when it is a folder of frames."""
+        return self.overlay if self.overlay is not None and not is_video_path(self.overlay) else None
+
+    def paths(self) -> list[Path]:
+        return [p for p in (self.masks, self.labels, self.overlay) if p is not None]
+
+
+@dataclass(frozen=True)
+class VideoJob:
+    """One video to segment: the file, its outputs and which frames (--start / --end / --every)."""
+
+    path: Path
+    outputs: VideoOutputs
+    selection: FrameSelection = FrameSelection()
+
+
+@dataclass(eq=False)
+class VideoResult:
+    """One video's outcome: status 'done', 'failed' (error says why) or 'skipped'; frame counts; seconds per stage.
+
+    total: frames selected (None when the video declares no frame count); done / failed: segmented in this
+    run; skipped: masks already there. frame_errors: (frame index, reason) of the first failed frames.
+    """
+
+    job: VideoJob
+    status: str = "done"
+    error: str | None = None
+    info: VideoInfo | None = None
+    total: int | None = None
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    frame_errors: list[tuple[int, str]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    wall: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+    def report_record(self) -> dict[str, Any]:
+        """The --report line: path, outputs, status, error, frames (total, done, failed, skipped), size, fps."""
+        outputs = self.job.outputs
+        record: dict[str, Any] = {
+            "path": str(self.job.path),
+            "output": str(outputs.masks or outputs.labels) if (outputs.masks or outputs.labels) else None,
+            "status": self.status,
+            "error": self.error,
+            "frames": {"total": self.total, "done": self.done, "failed": self.failed, "skipped": self.skipped},
+            "timings": {k: round(v, 6) for k, v in self.timings.items()},
+        }
+        if self.frame_errors:
+            record["frame_errors"] = [{"frame": i, "error": e} for i, e in self.frame_errors]
+        if self.info is not None:
+            record["size"] = [self.info.width, self.info.height]
+            record["fps"] = self.info.fps
+        if outputs.overlay:
+            record["overlay"] = str(outputs.overlay)
+        return record
+
+
+class OrderedVideos:
+    """A run's label and overlay videos, fed frames by sequence number from any thread, appended in order."""
+
+    def __init__(self, outputs: VideoOutputs, fps: float) -> None:
+        self.labels = VideoFileWriter(outputs.labels, fps, labels=True) if outputs.labels else None
+        self.overlay = VideoFileWriter(outputs.overlay_video, fps) if outputs.overlay_video else None
+        self._order = InOrder()
+        self._cv = threading.Condition()
+
+    @property
+    def active(self) -> bool:
+        """True when there is a video to write (else frames need not be kept or ordered)."""
+        return self.labels is not None or self.overlay is not None
+
+    def put(self, seq: int, image: np.ndarray, labels: np.ndarray | None) -> None:
+        """Frame number seq of this run (image (H, W, 3) RGB; labels (H, W) uint8, None when it failed)."""
+        with self._cv:
+            for image, labels in self._order.push(seq, (image, labels)):
+                if self.labels is not None:
+                    self.labels.write(labels if labels is not None else np.full(image.shape[:2], FAILED_LABEL, np.uint8))
+                if self.overlay is not None:
+                    self.overlay.write(overlay_image(image, labels) if labels is not None else image)
+            self._cv.notify_all()
+
+    def wait_for_room(self, seq: int, window: int, stopping: Callable[[], bool]) -> None:
+        """Block the feed while frame seq would be more than window frames ahead of the next to write."""
+        with self._cv:
+            while seq - self._order.next >= window and not stopping():
+                self._cv.wait(timeout=0.1)
+
+    def __enter__(self) -> OrderedVideos:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for writer in (self.labels, self.overlay):
+            if writer is not None:
+                writer.__exit__(*exc)
+
+
+def is_video_complete(job: VideoJob, info: VideoInfo) -> bool:
+    """True when every output exists: each selected frame's mask (and overlay frame), the video files."""
+    outputs = job.outputs
+    if any(not p.exists() for p in (outputs.labels, outputs.overlay_video) if p is not None):
+        return False
+    selected = job.selection.resolve(info.fps).indices(info.frame_count)
+    if selected is None:
+        return outputs.masks is None and outputs.overlay_frames is None
+    for folder, suffix in ((outputs.masks, ".png"), (outputs.overlay_frames, ".jpg")):
+        if folder is not None and not set(selected) <= existing_frames(folder, suffix):
+            return False
+    return True
+
+
+def segment_video(
+    segmenter: Segmenter | Callable[[], Segmenter],
+    job: VideoJob,
+    overwrite: bool = False,
+    info: VideoInfo | None = None,
+    progress: Callable[[VideoResult], None] | None = None,
+    window: int = 64,
+    **options: Any,
+) -> VideoResult:
+    """Segment the selected frames of a video into job.outputs through batch.run_batch (options: its options).
+
+    segmenter may be a callable building it, so a video with nothing left to do never loads the model.
+    overwrite: redo frames whose masks exist (default: resume). progress(result) is called once the frames
+    are counted and after every frame. Failures (unreadable file, truncated stream, failed frames) are in the
+    result, never raised; a selection that cannot be resolved (times without a frame rate) raises UsageError.
+    """
+    t0 = time.perf_counter()
+    result = VideoResult(job)
+    try:
+        info = info or probe_video(job.path)
+    except DeeplabError as exc:
+        result.status, result.error = "failed", str(exc).removeprefix(f"{job.path}: ")
+        return result
+    result.info = info
+    frames = job.selection.resolve(info.fps)
+    selected = frames.indices(info.frame_count)
+    result.total = len(selected) if selected is not None else None
+    outputs = job.outputs
+    digits = frame_digits(info.frame_count)
+    done: set[int] = set()
+    if not overwrite and (outputs.masks or outputs.overlay_frames):
+        folders = [(f, s) for f, s in ((outputs.masks, ".png"), (outputs.overlay_frames, ".jpg")) if f is not None]
+        done = set.intersection(*(existing_frames(f, s) for f, s in folders))
+    remove_stale_parts(p for p in (outputs.masks, outputs.overlay_frames) if p is not None)
+    videos = OrderedVideos(outputs, info.fps / frames.step if info.fps > 0 else 0.0)
+    if not videos.active:
+        resume_at = first_missing(frames, done, info.frame_count)
+        if resume_at is None:  # only when the selection's end is known
+            result.status, result.skipped = "skipped", len(selected or ())
+            return result
+        result.skipped = sum(1 for i in done if i in FrameRange(frames.start, resume_at, frames.step))
+        frames = frames.from_index(resume_at)
+    if progress:
+        progress(result)
+
+    def job_for(seq: int, frame: Frame) -> Job:
+        mask = outputs.masks / frame_name(frame.index, digits) if outputs.masks else None
+        overlay = outputs.overlay_frames / frame_name(frame.index, digits, ".jpg") if outputs.overlay_frames else None
+        paths = OutputPaths(mask, overlay) if mask else (OutputPaths(overlay) if overlay else None)
+        return Job(job.path, paths, tag=(seq, frame.index), image=frame.image)
+
+    reader = FrameReader(job.path, frames, info.frame_count)
+    run: Any = None
+
+    def feed() -> Iterator[Job]:
+        for seq, frame in enumerate(reader):  # seq: the frame's place in this run's order
+            if videos.active:
+                videos.wait_for_room(seq, window, lambda: run.stopping)
+                if run.stopping:
+                    return
+            if frame.index in done:
+                result.skipped += 1
+                if videos.active:
+                    videos.put(seq, frame.image, _read_mask(outputs.masks / frame_name(frame.index, digits))
+                               if outputs.masks else None)
+                if progress:
+                    progress(result)
+                continue
+            yield job_for(seq, frame)
+
+    run = run_batch(segmenter() if callable(segmenter) else segmenter, feed(), **options)
+    with videos, reader:
+        for frame_result in run:
+            seq, index = frame_result.job.tag
+            if frame_result.ok:
+                result.done += 1
+            else:
+                result.failed += 1
+                if len(result.frame_errors) < MAX_FRAME_ERRORS:
+                    result.frame_errors.append((index, frame_result.error or "failed"))
+            for stage, seconds in frame_result.timings.items():
+                result.timings[stage] = result.timings.get(stage, 0.0) + seconds
+            if videos.active:
+                videos.put(seq, frame_result.job.image, frame_result.labels)
+            if progress:
+                progress(result)
+        result.interrupted = run.interrupted
+    result.wall = time.perf_counter() - t0
+    if reader.error:
+        result.error = reader.error
+    elif result.failed:
+        index, reason = result.frame_errors[0]
+        result.error = f"{result.failed} frame(s) failed; frame {index}: {reason}"
+    if result.error:
+        result.status = "failed"
+    return result
+
+
+def _read_mask(path: Path) -> np.ndarray | None:
+    """A mask written by an earlier run, for the overlay; None if it cannot be read (the frame shows unblended)."""
+    try:
+        return read_label_image(path)
+    except DeeplabError:
+        return None
+
+
+def outputs_for(source: str | Path, output: str, overlay: str | None = None) -> VideoOutputs:
+    """`deeplab segment VIDEO -o OUT [--overlay OV]` → VideoOutputs: a video extension names a file, else a folder.
+
+    UsageError for '-', an image extension (a video gives one mask per frame), a lossy label video, or an
+    output that is the input.
+    """
+    from .io import STDIO, is_image_path
+    from .video import check_video_output
+
+    def target(text: str, what: str, labels: bool) -> Path:
+        if text == STDIO:
+            raise UsageError(f"a video gives one {what} per frame: {what}s cannot go to stdout; name a folder or a video")
+        path = Path(text)
+        if is_video_path(path):
+            check_video_output(path, labels)
+        elif is_image_path(path):
+            example = "clip_masks/ or clip_labels.mkv" if labels else "clip_overlay/ or clip_overlay.mp4"
+            raise UsageError(f"{text}: a video gives one {what} per frame; name a folder or a video ({example})")
+        elif path.exists() and not path.is_dir():
+            raise UsageError(f"{text}: exists and is not a folder")
+        if path.resolve() == Path(source).resolve():
+            raise UsageError(f"{text}: refusing to overwrite the input video")
+        return path
+
+    out = target(output, "mask", labels=True)
+    ov = target(overlay, "overlay", labels=False) if overlay else None
+    if ov is not None and ov.resolve() == out.resolve():
+        raise UsageError(f"{overlay}: -o and --overlay name the same place")
+    return VideoOutputs(masks=None if is_video_path(out) else out, labels=out if is_video_path(out) else None,
+                        overlay=ov)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presentation (stderr): a progress bar in frames, and the closing line
+
+
+def segment_video_with_progress(segmenter: Segmenter | Callable[[], Segmenter], job: VideoJob, console: Any, show: bool = True,
+                                **kwargs: Any) -> VideoResult:
+    """segment_video with a live bar on console (frames done / total, frames/s, ETA, failures)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    def interrupted() -> None:
+        console.print("[yellow]interrupted: finishing the frames in flight (Ctrl-C again to abort)[/]")
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
+               TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
+               TextColumn("{task.fields[failures]}"))
+    with Progress(*columns, console=console, disable=not show, transient=False) as bar:
+        task = bar.add_task(job.path.name, total=None, rate="", failures="")
+        started: list[float] = []
+
+        def update(result: VideoResult) -> None:
+            if not started:  # frames already done count as completed from the start, not as speed
+                started.append(time.perf_counter())
+                bar.reset(task, total=result.total, completed=result.skipped)
+                return
+            elapsed = time.perf_counter() - started[0]
+            segmented = result.done + result.failed
+            bar.update(task, total=result.total, completed=segmented + result.skipped,
+                       rate=f"{segmented / elapsed:.2f}/s" if elapsed > 0 and segmented else "",
+                       failures=f"[red]{result.failed} failed[/]" if result.failed else "")
+
+        return segment_video(segmenter, job, progress=update, on_interrupt=interrupted, **kwargs)
+
+
+def describe_result(result: VideoResult) -> str:
+    """One line for people: frames done / failed / already there, time, frames/s, where, and the error."""
+    where = ", ".join(str(p) for p in result.job.outputs.paths())
+    if result.info is None:
+        return f"{result.job.path}: {result.error}"
+    total = "?" if result.total is None else str(result.total)
+    segmented = result.done + result.failed
+    rate = f", {segmented / result.wall:.2f} frames/s" if result.wall > 0 and segmented else ""
+    text = (f"{result.job.path}: {result.done} of {total} frames segmented, {result.failed} failed, "
+            f"{result.skipped} already done ({result.wall:.1f} s{rate}) → {where}")
+    return text + (f"; error: {result.error}" if result.error else "")
