@@ -141,6 +141,7 @@ class OrderedVideos:
     """A run's label and overlay videos, fed frames by sequence number from any thread, appended in order."""
 
     def __init__(self, outputs: VideoOutputs, fps: float) -> None:
+        self.class_names: list[str] | None = None  # set to draw a legend on the overlay (io.overlay_image)
         self.labels = VideoFileWriter(outputs.labels, fps, labels=True) if outputs.labels else None
         self.overlay = VideoFileWriter(outputs.overlay_video, fps) if outputs.overlay_video else None
         self._order = InOrder()
@@ -158,7 +159,7 @@ class OrderedVideos:
                 if self.labels is not None:
                     self.labels.write(labels if labels is not None else np.full(image.shape[:2], FAILED_LABEL, np.uint8))
                 if self.overlay is not None:
-                    self.overlay.write(overlay_image(image, labels) if labels is not None else image)
+                    self.overlay.write(overlay_image(image, labels, self.class_names) if labels is not None else image)
             self._cv.notify_all()
 
     def wait_for_room(self, seq: int, window: int, stopping: Callable[[], bool]) -> None:
@@ -196,6 +197,7 @@ def segment_video(
     overwrite: bool = False,
     info: VideoInfo | None = None,
     progress: Callable[[VideoResult], None] | None = None,
+    legend: bool = False,
     window: int = 64,
     **options: Any,
 ) -> VideoResult:
@@ -203,7 +205,7 @@ def segment_video(
 
     segmenter may be a callable building it, so a video with nothing left to do never loads the model.
     overwrite: redo frames whose masks exist (default: resume). progress(result) is called once the frames
-    are counted and after every frame. Failures (unreadable file, truncated stream, failed frames) are in the
+    are counted and after every frame. legend: draw the classes present on the overlay video's frames. Failures (unreadable file, truncated stream, failed frames) are in the
     result, never raised; a selection that cannot be resolved (times without a frame rate) raises UsageError.
     """
     t0 = time.perf_counter()
@@ -260,7 +262,10 @@ def segment_video(
                 continue
             yield job_for(seq, frame)
 
-    run = run_batch(segmenter() if callable(segmenter) else segmenter, feed(), **options)
+    seg = segmenter() if callable(segmenter) else segmenter
+    if legend:
+        videos.class_names = seg.class_names
+    run = run_batch(seg, feed(), **options)
     with videos, reader:
         for frame_result in run:
             seq, index = frame_result.job.tag
