@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import cv2
@@ -26,7 +25,7 @@ from deeplab_cli.video import (
     probe_video,
     read_label_video,
 )
-from video_clips import CLIP_FPS, CLIP_FRAMES, CLIP_SIZE, decode_all, make_clip
+from video_clips import CLIP_FPS, CLIP_FRAMES, CLIP_SIZE, decode_all, make_clip, rotate_mp4
 
 FRAMES, FPS, SIZE = CLIP_FRAMES, CLIP_FPS, CLIP_SIZE
 
@@ -135,18 +134,6 @@ def test_unreadable_videos_give_one_line_errors(tmp_path: Path, photo: np.ndarra
         assert reason in reader.error
     with pytest.raises(UsageError, match="no such file"):
         probe_video(tmp_path / "missing.mp4")
-
-
-def rotate_mp4(path: Path, out: Path) -> Path:
-    """Copy an MP4 with its track's display matrix set to a 90° clockwise rotation (as phones record)."""
-    data = bytearray(path.read_bytes())
-    box = data.find(b"tkhd")
-    assert box > 0 and data[box + 4] == 0  # version 0 track header
-    matrix = box + 4 + 4 + 20 + 8 + 8  # version/flags, times/ids/duration, reserved, layer/group/volume/reserved
-    assert struct.unpack_from(">9i", data, matrix) == (0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)
-    struct.pack_into(">9i", data, matrix, 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
-    out.write_bytes(bytes(data))
-    return out
 
 
 def test_rotation_metadata_is_applied(tmp_path: Path, photo: np.ndarray) -> None:

@@ -15,8 +15,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from deeplab_cli.cli import main
+from deeplab_cli.pipeline import Segmenter
 from deeplab_cli.video import probe_video, read_label_video
-from video_clips import CLIP_FPS, CLIP_SIZE, decode_all, make_clip
+from deeplab_cli.video_run import VideoJob, VideoOutputs, segment_video
+from video_clips import CLIP_FPS, CLIP_SIZE, decode_all, make_clip, rotate_mp4
 
 FRAMES = 8
 # The same CRF and torch threads for the video run and the per-frame reference: `segment` of one image picks
@@ -176,3 +178,39 @@ def test_frames_use_the_working_resolution_of_photos(tmp_path: Path, clips, weig
     mask = np.array(Image.open(tmp_path / "masks" / "4.png"))
     assert mask.shape == CLIP_SIZE
     assert np.array_equal(mask, np.array(Image.open(tmp_path / "ref.png")))
+
+
+def test_rotated_video_gives_masks_as_displayed(tmp_path: Path, clips, weights_file: Path) -> None:
+    turned = rotate_mp4(clips[".mp4"], tmp_path / "turned.mp4")
+    res = run(turned, "-o", tmp_path / "masks", "--end", "2f", "--weights", weights_file, *FAST)
+    assert res.exit_code == 0, res.output
+    assert [m.shape for m in masks_in(tmp_path / "masks").values()] == [CLIP_SIZE[::-1]] * 2
+
+
+def test_a_failing_frame_fails_alone_and_a_rerun_redoes_it(tmp_path: Path, clips, weights_file: Path) -> None:
+    seg = Segmenter.from_weights(weights_file, device="cpu", crf=None)
+    original, calls = seg.scores, []
+
+    def flaky(x):
+        calls.append(len(calls))
+        if len(calls) == 3:  # one frame per network call on the CPU, in order: frame 2
+            raise RuntimeError("simulated failure")
+        return original(x)
+
+    seg.scores = flaky
+    out, labels = tmp_path / "masks", tmp_path / "labels.mkv"
+    job = VideoJob(clips[".avi"], VideoOutputs(masks=out, labels=labels))
+    result = segment_video(seg, job, handle_sigint=False, crf_workers=0)
+    assert (result.status, result.done, result.failed, result.total) == ("failed", FRAMES - 1, 1, FRAMES)
+    assert result.error == "1 frame(s) failed; frame 2: network failed: simulated failure"
+    assert result.report_record()["frames"] == {"total": FRAMES, "done": FRAMES - 1, "failed": 1, "skipped": 0}
+    assert "2.png" not in masks_in(out) and len(masks_in(out)) == FRAMES - 1
+    back = list(read_label_video(labels))
+    assert len(back) == FRAMES and (back[2] == 255).all()  # void where the frame failed; the others in place
+    assert all(np.array_equal(back[i], np.array(Image.open(out / f"{i}.png"))) for i in range(FRAMES) if i != 2)
+
+    seg.scores = original
+    again = segment_video(seg, VideoJob(clips[".avi"], VideoOutputs(masks=out)), handle_sigint=False, crf_workers=0)
+    assert (again.status, again.done, again.skipped) == ("done", 1, FRAMES - 1)
+    assert len(masks_in(out)) == FRAMES
+    assert segment_video(seg, VideoJob(clips[".avi"], VideoOutputs(masks=out))).status == "skipped"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import cv2
@@ -40,3 +41,15 @@ def decode_all(path: Path) -> list[np.ndarray]:
         frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
     cap.release()
     return frames
+
+
+def rotate_mp4(path: Path, out: Path) -> Path:
+    """Copy an MP4 with its track's display matrix set to a 90° clockwise rotation (as phones record)."""
+    data = bytearray(path.read_bytes())
+    box = data.find(b"tkhd")
+    assert box > 0 and data[box + 4] == 0  # version 0 track header
+    matrix = box + 4 + 4 + 20 + 8 + 8  # version/flags, times/ids/duration, reserved, layer/group/volume/reserved
+    assert struct.unpack_from(">9i", data, matrix) == (0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)
+    struct.pack_into(">9i", data, matrix, 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
+    out.write_bytes(bytes(data))
+    return out
