@@ -29,6 +29,7 @@ import os
 import queue
 import re
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -189,10 +190,14 @@ class FrameRange:
     def __contains__(self, index: int) -> bool:
         return index >= self.start and (self.stop is None or index < self.stop) and (index - self.start) % self.step == 0
 
+    def limit(self, frame_count: int | None) -> int | None:
+        """Where the selection ends in a video of frame_count frames: stop or the count (None when both are unknown)."""
+        known = [x for x in (self.stop, frame_count) if x is not None]
+        return min(known) if known else None
+
     def indices(self, frame_count: int | None) -> range | None:
         """The selected indices in a video of frame_count frames (None when both the count and stop are unknown)."""
-        stop = min(x for x in (self.stop, frame_count) if x is not None) if (self.stop, frame_count) != (None, None) \
-            else None
+        stop = self.limit(frame_count)
         return None if stop is None else range(self.start, max(stop, self.start), self.step)
 
     def from_index(self, index: int) -> FrameRange:
@@ -235,6 +240,7 @@ class Frame:
 
     index: int
     image: np.ndarray
+    seconds: float = 0.0  # decoding it, and the frames skipped since the previous one
 
 
 _END = object()
@@ -308,7 +314,7 @@ class FrameReader:
             frames, pos = self.frames, 0
             if frames.start >= SEEK_MIN_FRAMES:
                 cap, pos = self._seek(cap, frames.start)
-            ended = False
+            ended, t0 = False, time.perf_counter()
             while not self._stop.is_set() and (frames.stop is None or pos < frames.stop):
                 if not cap.grab():
                     ended = True
@@ -318,12 +324,13 @@ class FrameReader:
                     if not ok or bgr is None:
                         self.error = f"frame {pos} cannot be decoded (corrupt file?); the frames before it were kept"
                         break
-                    if not self._put(Frame(pos, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))):
+                    frame = Frame(pos, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), time.perf_counter() - t0)
+                    if not self._put(frame):
                         break
+                    t0 = time.perf_counter()
                 pos += 1
                 self.position = pos
-            expected = min(x for x in (frames.stop, self.frame_count) if x is not None) \
-                if (frames.stop, self.frame_count) != (None, None) else None
+            expected = frames.limit(self.frame_count)
             if ended and expected is not None and pos < expected - FRAME_COUNT_SLACK:
                 self.error = (f"the video ends at frame {pos} although it declares {self.frame_count} frames "
                               f"(truncated or corrupt file); the frames before it were kept")
@@ -383,8 +390,7 @@ def first_missing(frames: FrameRange, done: set[int], frame_count: int | None) -
     index = frames.start
     while index in done:
         index += frames.step
-    limit = min(x for x in (frames.stop, frame_count) if x is not None) if (frames.stop, frame_count) != (None, None) \
-        else None
+    limit = frames.limit(frame_count)
     return None if limit is not None and index >= limit else index
 
 

@@ -248,6 +248,7 @@ def segment_video(
 
     def feed() -> Iterator[Job]:
         for seq, frame in enumerate(reader):  # seq: the frame's place in this run's order
+            result.timings["decode"] = result.timings.get("decode", 0.0) + frame.seconds
             if videos.active:
                 videos.wait_for_room(seq, window, lambda: run.stopping)
                 if run.stopping:
@@ -275,8 +276,9 @@ def segment_video(
                 result.failed += 1
                 if len(result.frame_errors) < MAX_FRAME_ERRORS:
                     result.frame_errors.append((index, frame_result.error or "failed"))
-            for stage, seconds in frame_result.timings.items():
-                result.timings[stage] = result.timings.get(stage, 0.0) + seconds
+            for stage, seconds in frame_result.timings.items():  # decode: the reader's, counted in feed()
+                if stage != "decode":
+                    result.timings[stage] = result.timings.get(stage, 0.0) + seconds
             if videos.active:
                 videos.put(seq, frame_result.job.image, frame_result.labels)
             if progress:

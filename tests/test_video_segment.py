@@ -204,6 +204,7 @@ def test_a_failing_frame_fails_alone_and_a_rerun_redoes_it(tmp_path: Path, clips
     assert (result.status, result.done, result.failed, result.total) == ("failed", FRAMES - 1, 1, FRAMES)
     assert result.error == "1 frame(s) failed; frame 2: network failed: simulated failure"
     assert result.report_record()["frames"] == {"total": FRAMES, "done": FRAMES - 1, "failed": 1, "skipped": 0}
+    assert {"decode", "network", "write"} <= set(result.timings) and all(v >= 0 for v in result.timings.values())
     assert "2.png" not in masks_in(out) and len(masks_in(out)) == FRAMES - 1
     back = list(read_label_video(labels))
     assert len(back) == FRAMES and (back[2] == 255).all()  # void where the frame failed; the others in place
