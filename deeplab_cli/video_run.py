@@ -7,11 +7,13 @@
 
 Frames are decoded on video.FrameReader's thread and handed to batch.run_batch as jobs that carry their
 picture, so they take exactly the path of photos: network batches on the device, the CRF in the worker
-pool, masks (NNN.png) and overlay frames (NNN.jpg) written atomically by the engine's writer threads.
-Label and overlay *videos* need frames in order: results arriving in completion order wait in a reorder
-buffer (at most `window` frames ahead; the frame feed waits beyond that, so memory stays flat) and are
-appended by one writer. Audio is not carried.
+pool, masks (NNN.png) written atomically by the engine's writer threads. Overlay frames (NNN.jpg) and
+videos are written by the run as results arrive (`FrameSink`); label and overlay *videos* need frames in
+order: results arriving in completion order wait in a reorder buffer (at most `window` frames ahead; the
+frame feed waits beyond that, so memory stays flat) and are appended by one writer. Audio is not carried.
 
+A mask folder holds one video's masks: `video.json` in it records the source, its frame count, rate and
+size, and another video (another count, rate or size) is refused there unless overwrite is given.
 Resume: in a mask folder, frames whose masks exist are not segmented again. Without video outputs the
 reader starts at the first missing frame (seeking); with them it decodes the selection from its start and
 blends the existing masks (read back from their PNGs) into the overlay, so the video is whole again.
@@ -22,6 +24,7 @@ reason; the frames that decoded are segmented and kept.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +36,7 @@ import numpy as np
 
 from .batch import Job, OutputPaths, remove_stale_parts, run_batch
 from .errors import DeeplabError, UsageError
-from .io import overlay_image, read_label_image
+from .io import overlay_image, read_label_image, write_bytes, write_image
 from .video import (
     Frame,
     FrameRange,
@@ -53,6 +56,8 @@ from .video import (
 if TYPE_CHECKING:
     from .pipeline import Segmenter
 
+FOLDER_RECORD = "video.json"  # in a mask folder: which video the masks are of
+SAME_VIDEO_KEYS = ("frame_count", "fps", "width", "height")  # what must match for a folder to be resumed
 FAILED_LABEL = 255  # a frame whose segmentation failed is void (VOC's ignore label) in a label video
 MAX_FRAME_ERRORS = 5  # per-frame failures kept in a result (the count covers all)
 
@@ -137,30 +142,40 @@ class VideoResult:
         return record
 
 
-class OrderedVideos:
-    """A run's label and overlay videos, fed frames by sequence number from any thread, appended in order."""
+class FrameSink:
+    """What a run writes itself (the engine writes the masks): overlay frames as they come, and the label and
+    overlay videos, fed by sequence number from any thread and appended in order."""
 
-    def __init__(self, outputs: VideoOutputs, fps: float) -> None:
-        self.class_names: list[str] | None = None  # set to draw a legend on the overlay (io.overlay_image)
+    def __init__(self, outputs: VideoOutputs, fps: float, digits: int) -> None:
+        self.class_names: list[str] | None = None  # set to draw a legend on overlays (io.overlay_image)
+        self.frames = outputs.overlay_frames
+        self.digits = digits
         self.labels = VideoFileWriter(outputs.labels, fps, labels=True) if outputs.labels else None
         self.overlay = VideoFileWriter(outputs.overlay_video, fps) if outputs.overlay_video else None
         self._order = InOrder()
         self._cv = threading.Condition()
 
     @property
-    def active(self) -> bool:
+    def ordered(self) -> bool:
         """True when there is a video to write (else frames need not be kept or ordered)."""
         return self.labels is not None or self.overlay is not None
 
-    def put(self, seq: int, image: np.ndarray, labels: np.ndarray | None) -> None:
-        """Frame number seq of this run (image (H, W, 3) RGB; labels (H, W) uint8, None when it failed)."""
+    def put(self, seq: int, index: int, image: np.ndarray, labels: np.ndarray | None) -> None:
+        """Frame `index`, number seq of this run: image (H, W, 3) RGB, labels (H, W) uint8 (None: it failed)."""
+        if self.frames is not None and labels is not None:
+            write_image(self.frames / frame_name(index, self.digits, ".jpg"), self._overlay(image, labels))
+        if not self.ordered:
+            return
         with self._cv:
             for image, labels in self._order.push(seq, (image, labels)):
                 if self.labels is not None:
                     self.labels.write(labels if labels is not None else np.full(image.shape[:2], FAILED_LABEL, np.uint8))
                 if self.overlay is not None:
-                    self.overlay.write(overlay_image(image, labels, self.class_names) if labels is not None else image)
+                    self.overlay.write(self._overlay(image, labels) if labels is not None else image)
             self._cv.notify_all()
+
+    def _overlay(self, image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        return overlay_image(image, labels, self.class_names)
 
     def wait_for_room(self, seq: int, window: int, stopping: Callable[[], bool]) -> None:
         """Block the feed while frame seq would be more than window frames ahead of the next to write."""
@@ -168,13 +183,31 @@ class OrderedVideos:
             while seq - self._order.next >= window and not stopping():
                 self._cv.wait(timeout=0.1)
 
-    def __enter__(self) -> OrderedVideos:
+    def __enter__(self) -> FrameSink:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for writer in (self.labels, self.overlay):
             if writer is not None:
                 writer.__exit__(*exc)
+
+
+def claim_mask_folder(folder: Path, info: VideoInfo, overwrite: bool = False) -> None:
+    """Record in folder/video.json which video its masks are of; DeeplabError when it holds another video's
+    (another frame count, rate or size), unless overwrite."""
+    path = folder / FOLDER_RECORD
+    record = {"source": str(info.path), "frame_count": info.frame_count, "fps": info.fps, "width": info.width,
+              "height": info.height}
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None  # none yet (or unreadable: rewritten)
+    if isinstance(old, dict) and not overwrite and any(old.get(k) != record[k] for k in SAME_VIDEO_KEYS):
+        raise DeeplabError(f"{folder}: holds the masks of another video ({old.get('source')}: "
+                           f"{old.get('frame_count')} frames of {old.get('width')}×{old.get('height')} at "
+                           f"{old.get('fps')} fps); choose another folder, or --overwrite to replace them")
+    if old != record:
+        write_bytes(path, (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def is_video_complete(job: VideoJob, info: VideoInfo) -> bool:
@@ -225,9 +258,15 @@ def segment_video(
     if not overwrite and (outputs.masks or outputs.overlay_frames):
         folders = [(f, s) for f, s in ((outputs.masks, ".png"), (outputs.overlay_frames, ".jpg")) if f is not None]
         done = set.intersection(*(existing_frames(f, s) for f, s in folders))
+    try:
+        if outputs.masks is not None:
+            claim_mask_folder(outputs.masks, info, overwrite)
+    except DeeplabError as exc:
+        result.status, result.error = "failed", str(exc)
+        return result
     remove_stale_parts(p for p in (outputs.masks, outputs.overlay_frames) if p is not None)
-    videos = OrderedVideos(outputs, info.fps / frames.step if info.fps > 0 else 0.0)
-    if not videos.active:
+    sink = FrameSink(outputs, info.fps / frames.step if info.fps > 0 else 0.0, digits)
+    if not sink.ordered:
         resume_at = first_missing(frames, done, info.frame_count)
         if resume_at is None:  # only when the selection's end is known
             result.status, result.skipped = "skipped", len(selected or ())
@@ -238,9 +277,7 @@ def segment_video(
         progress(result)
 
     def job_for(seq: int, frame: Frame) -> Job:
-        mask = outputs.masks / frame_name(frame.index, digits) if outputs.masks else None
-        overlay = outputs.overlay_frames / frame_name(frame.index, digits, ".jpg") if outputs.overlay_frames else None
-        paths = OutputPaths(mask, overlay) if mask else (OutputPaths(overlay) if overlay else None)
+        paths = OutputPaths(outputs.masks / frame_name(frame.index, digits)) if outputs.masks else None
         return Job(job.path, paths, tag=(seq, frame.index), image=frame.image)
 
     reader = FrameReader(job.path, frames, info.frame_count)
@@ -249,15 +286,15 @@ def segment_video(
     def feed() -> Iterator[Job]:
         for seq, frame in enumerate(reader):  # seq: the frame's place in this run's order
             result.timings["decode"] = result.timings.get("decode", 0.0) + frame.seconds
-            if videos.active:
-                videos.wait_for_room(seq, window, lambda: run.stopping)
+            if sink.ordered:
+                sink.wait_for_room(seq, window, lambda: run.stopping)
                 if run.stopping:
                     return
             if frame.index in done:
                 result.skipped += 1
-                if videos.active:
-                    videos.put(seq, frame.image, _read_mask(outputs.masks / frame_name(frame.index, digits))
-                               if outputs.masks else None)
+                if sink.ordered:
+                    sink.put(seq, frame.index, frame.image, _read_mask(outputs.masks / frame_name(frame.index, digits))
+                             if outputs.masks else None)
                 if progress:
                     progress(result)
                 continue
@@ -265,9 +302,9 @@ def segment_video(
 
     seg = segmenter() if callable(segmenter) else segmenter
     if legend:
-        videos.class_names = seg.class_names
+        sink.class_names = seg.class_names
     run = run_batch(seg, feed(), **options)
-    with videos, reader:
+    with sink, reader:
         for frame_result in run:
             seq, index = frame_result.job.tag
             if frame_result.ok:
@@ -279,8 +316,7 @@ def segment_video(
             for stage, seconds in frame_result.timings.items():  # decode: the reader's, counted in feed()
                 if stage != "decode":
                     result.timings[stage] = result.timings.get(stage, 0.0) + seconds
-            if videos.active:
-                videos.put(seq, frame_result.job.image, frame_result.labels)
+            sink.put(seq, index, frame_result.job.image, frame_result.labels)
             if progress:
                 progress(result)
         result.interrupted = run.interrupted

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -215,3 +216,18 @@ def test_a_failing_frame_fails_alone_and_a_rerun_redoes_it(tmp_path: Path, clips
     assert (again.status, again.done, again.skipped) == ("done", 1, FRAMES - 1)
     assert len(masks_in(out)) == FRAMES
     assert segment_video(seg, VideoJob(clips[".avi"], VideoOutputs(masks=out))).status == "skipped"
+
+
+def test_a_mask_folder_holds_one_video(tmp_path: Path, clips, photo: np.ndarray, weights_file: Path) -> None:
+    out = tmp_path / "masks"
+    assert run(clips[".avi"], "-o", out, "--end", "2f", "--weights", weights_file, *FAST).exit_code == 0
+    record = json.loads((out / "video.json").read_text())
+    assert record == {"source": str(clips[".avi"]), "frame_count": FRAMES, "fps": CLIP_FPS,
+                      "width": CLIP_SIZE[1], "height": CLIP_SIZE[0]}
+    other = make_clip(tmp_path / "other.avi", photo, frames=FRAMES + 3)
+    res = run(other, "-o", out, "--end", "2f", "--weights", weights_file, *FAST)
+    assert res.exit_code == 1 and "holds the masks of another video" in res.stderr and "--overwrite" in res.stderr
+    res = run(other, "-o", out, "--end", "2f", "--overwrite", "--weights", weights_file, *FAST)
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "video.json").read_text())["frame_count"] == FRAMES + 3
+    assert "2 of 2 frames segmented" in res.stderr
