@@ -183,9 +183,12 @@ def test_frames_use_the_working_resolution_of_photos(tmp_path: Path, clips, weig
 
 def test_rotated_video_gives_masks_as_displayed(tmp_path: Path, clips, weights_file: Path) -> None:
     turned = rotate_mp4(clips[".mp4"], tmp_path / "turned.mp4")
-    res = run(turned, "-o", tmp_path / "masks", "--end", "2f", "--weights", weights_file, *FAST)
+    res = run(turned, "-o", tmp_path / "labels.mkv", "--overlay", tmp_path / "frames", "--end", "2f",
+              "--weights", weights_file, *FAST)
     assert res.exit_code == 0, res.output
-    assert [m.shape for m in masks_in(tmp_path / "masks").values()] == [CLIP_SIZE[::-1]] * 2
+    assert [m.shape for m in read_label_video(tmp_path / "labels.mkv")] == [CLIP_SIZE[::-1]] * 2
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == ["0.jpg", "1.jpg"]  # an overlay folder
+    assert Image.open(tmp_path / "frames" / "1.jpg").size == CLIP_SIZE  # (W, H) of the displayed frame
 
 
 def test_a_failing_frame_fails_alone_and_a_rerun_redoes_it(tmp_path: Path, clips, weights_file: Path) -> None:
