@@ -4,7 +4,7 @@
 
 1. Generates an mp4v/MP4 clip per size (moving shapes over scikit-image's chelsea, as the tests do).
 2. decode: video.FrameReader over every frame (its thread decodes and converts to RGB), frames ÷ seconds.
-3. end to end: video_run.segment_video into a fresh mask folder (network, CRF in the worker pool, PNG masks
+3. end to end: batch.segment_video into a fresh mask folder (network, CRF in the worker pool, PNG masks
    written), frames ÷ wall seconds, from the first frame asked for to the last mask written (the model is
    loaded once, before; the CRF pool starts inside the timing, as in the command).
 Medians over --repeat runs, the configurations interleaved. Without --weights a LargeFOV with seeded random
@@ -24,16 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' clip generator
-
-from video_clips import make_clip  # noqa: E402
-
-from deeplab_cli.benchmark import random_model  # noqa: E402
-from deeplab_cli.crf import CRFParams, resolve_backend  # noqa: E402
-from deeplab_cli.pipeline import Segmenter  # noqa: E402
-from deeplab_cli.video import FrameReader, probe_video  # noqa: E402
-from deeplab_cli.video_run import VideoJob, VideoOutputs, segment_video  # noqa: E402
-from deeplab_cli.weights import build_model, load_weights, save_weights  # noqa: E402
+from deeplab_cli.batch import VideoJob, VideoOutputs, segment_video
+from deeplab_cli.crf import CRFParams, resolve_backend
+from deeplab_cli.pipeline import Segmenter
+from deeplab_cli.testing import make_clip, random_model
+from deeplab_cli.video import FrameReader, probe_video
+from deeplab_cli.weightfiles.formats import build_model, load_weights, save_weights
 
 
 def cpu_model() -> str:

@@ -25,7 +25,7 @@ from deeplab_cli.video import (
     probe_video,
     read_label_video,
 )
-from video_clips import CLIP_FPS, CLIP_FRAMES, CLIP_SIZE, decode_all, make_clip, rotate_mp4
+from deeplab_cli.testing import CLIP_FPS, CLIP_FRAMES, CLIP_SIZE, decode_all, make_clip, rotate_mp4
 
 FRAMES, FPS, SIZE = CLIP_FRAMES, CLIP_FPS, CLIP_SIZE
 

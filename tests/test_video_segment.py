@@ -18,8 +18,8 @@ from PIL import Image
 from deeplab_cli.cli import main
 from deeplab_cli.pipeline import Segmenter
 from deeplab_cli.video import probe_video, read_label_video
-from deeplab_cli.video_run import VideoJob, VideoOutputs, segment_video
-from video_clips import CLIP_FPS, CLIP_SIZE, decode_all, make_clip, rotate_mp4
+from deeplab_cli.batch import VideoJob, VideoOutputs, segment_video
+from deeplab_cli.testing import CLIP_FPS, CLIP_SIZE, decode_all, make_clip, rotate_mp4
 
 FRAMES = 8
 # The same CRF and torch threads for the video run and the per-frame reference: `segment` of one image picks

@@ -34,10 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .batch import Job, OutputPaths, remove_stale_parts, run_batch
-from .errors import DeeplabError, UsageError
-from .io import overlay_image, read_label_image, write_bytes, write_image
-from .video import (
+from ..errors import DeeplabError, UsageError
+from ..io import overlay_image, read_label_image, write_bytes, write_image
+from ..video import (
     Frame,
     FrameRange,
     FrameReader,
@@ -52,48 +51,16 @@ from .video import (
     is_video_path,
     probe_video,
 )
+from .engine import run_batch
+from .inputs import Job, OutputPaths, VideoJob, VideoOutputs, remove_stale_parts
 
 if TYPE_CHECKING:
-    from .pipeline import Segmenter
+    from ..pipeline import Segmenter
 
 FOLDER_RECORD = "video.json"  # in a mask folder: which video the masks are of
 SAME_VIDEO_KEYS = ("frame_count", "fps", "width", "height")  # what must match for a folder to be resumed
 FAILED_LABEL = 255  # a frame whose segmentation failed is void (VOC's ignore label) in a label video
 MAX_FRAME_ERRORS = 5  # per-frame failures kept in a result (the count covers all)
-
-
-@dataclass(frozen=True)
-class VideoOutputs:
-    """Where one video's results go: a folder of frame masks and/or a lossless label video, and an overlay.
-
-    overlay: a video file (by its extension, see video.OVERLAY_VIDEO_CODECS) or a folder of NNN.jpg frames.
-    """
-
-    masks: Path | None = None
-    labels: Path | None = None
-    overlay: Path | None = None
-
-    @property
-    def overlay_video(self) -> Path | None:
-        """The overlay when it is a video file."""
-        return self.overlay if self.overlay is not None and is_video_path(self.overlay) else None
-
-    @property
-    def overlay_frames(self) -> Path | None:
-        """The overlay when it is a folder of frames."""
-        return self.overlay if self.overlay is not None and not is_video_path(self.overlay) else None
-
-    def paths(self) -> list[Path]:
-        return [p for p in (self.masks, self.labels, self.overlay) if p is not None]
-
-
-@dataclass(frozen=True)
-class VideoJob:
-    """One video to segment: the file, its outputs and which frames (--start / --end / --every)."""
-
-    path: Path
-    outputs: VideoOutputs
-    selection: FrameSelection = FrameSelection()
 
 
 @dataclass(eq=False)
@@ -331,6 +298,20 @@ def segment_video(
     return result
 
 
+def process_video(segmenter: Segmenter | Callable[[], Segmenter], job: VideoJob, overwrite: bool = False,
+                  progress: Callable[[VideoResult], None] | None = None, **options: Any) -> VideoResult:
+    """What `deeplab batch` does with one video: probe it, skip it when its outputs are complete, else
+    segment_video (options: its options). Every failure, a selection it cannot resolve included, is a result."""
+    try:
+        info = probe_video(job.path)
+        if not overwrite and is_video_complete(job, info):
+            total = len(job.selection.resolve(info.fps).indices(info.frame_count) or ())
+            return VideoResult(job, "skipped", info=info, total=total, skipped=total)
+        return segment_video(segmenter, job, overwrite, info, progress, **options)
+    except DeeplabError as exc:
+        return VideoResult(job, "failed", str(exc).removeprefix(f"{job.path}: "))
+
+
 def _read_mask(path: Path) -> np.ndarray | None:
     """A mask written by an earlier run, for the overlay; None if it cannot be read (the frame shows unblended)."""
     try:
@@ -345,8 +326,8 @@ def outputs_for(source: str | Path, output: str, overlay: str | None = None) -> 
     UsageError for '-', an image extension (a video gives one mask per frame), a lossy label video, or an
     output that is the input.
     """
-    from .io import STDIO, is_image_path
-    from .video import check_video_output
+    from ..io import STDIO, is_image_path
+    from ..video import check_video_output
 
     def target(text: str, what: str, labels: bool) -> Path:
         if text == STDIO:
@@ -369,49 +350,3 @@ def outputs_for(source: str | Path, output: str, overlay: str | None = None) -> 
         raise UsageError(f"{overlay}: -o and --overlay name the same place")
     return VideoOutputs(masks=None if is_video_path(out) else out, labels=out if is_video_path(out) else None,
                         overlay=ov)
-
-
-# ---------------------------------------------------------------------------------------------
-# Presentation (stderr): a progress bar in frames, and the closing line
-
-
-def segment_video_with_progress(segmenter: Segmenter | Callable[[], Segmenter], job: VideoJob, console: Any, show: bool = True,
-                                **kwargs: Any) -> VideoResult:
-    """segment_video with a live bar on console (frames done / total, frames/s, ETA, failures)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    def interrupted() -> None:
-        console.print("[yellow]interrupted: finishing the frames in flight (Ctrl-C again to abort)[/]")
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
-               TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
-               TextColumn("{task.fields[failures]}"))
-    with Progress(*columns, console=console, disable=not show, transient=False) as bar:
-        task = bar.add_task(job.path.name, total=None, rate="", failures="")
-        started: list[float] = []
-
-        def update(result: VideoResult) -> None:
-            if not started:  # frames already done count as completed from the start, not as speed
-                started.append(time.perf_counter())
-                bar.reset(task, total=result.total, completed=result.skipped)
-                return
-            elapsed = time.perf_counter() - started[0]
-            segmented = result.done + result.failed
-            bar.update(task, total=result.total, completed=segmented + result.skipped,
-                       rate=f"{segmented / elapsed:.2f}/s" if elapsed > 0 and segmented else "",
-                       failures=f"[red]{result.failed} failed[/]" if result.failed else "")
-
-        return segment_video(segmenter, job, progress=update, on_interrupt=interrupted, **kwargs)
-
-
-def describe_result(result: VideoResult) -> str:
-    """One line for people: frames done / failed / already there, time, frames/s, where, and the error."""
-    where = ", ".join(str(p) for p in result.job.outputs.paths())
-    if result.info is None:
-        return f"{result.job.path}: {result.error}"
-    total = "?" if result.total is None else str(result.total)
-    segmented = result.done + result.failed
-    rate = f", {segmented / result.wall:.2f} frames/s" if result.wall > 0 and segmented else ""
-    text = (f"{result.job.path}: {result.done} of {total} frames segmented, {result.failed} failed, "
-            f"{result.skipped} already done ({result.wall:.1f} s{rate}) → {where}")
-    return text + (f"; error: {result.error}" if result.error else "")
