@@ -287,12 +287,12 @@ def _segment_video(source: str, output: str, overlay: str | None, overwrite: boo
     from .console import segment_video_with_progress, stderr_console
     from .video import probe_video
 
-    job = VideoJob(Path(source), outputs_for(source, output, overlay), selection)
+    job = VideoJob(Path(source), outputs_for(source, output, overlay, legend), selection)
     info = probe_video(source)  # before loading the model: a bad video fails fast
     selection.resolve(info.fps)
     try:
         result = segment_video_with_progress(lambda: segmenter_from(opts, in_pool=True), job, stderr_console(),
-                                             overwrite=overwrite, info=info, legend=legend, **pipeline)
+                                             overwrite=overwrite, info=info, **pipeline)
     finally:
         exit_on_next_interrupt(130)
     if result.interrupted:
@@ -312,8 +312,9 @@ def _segment_video(source: str, output: str, overlay: str | None, overwrite: boo
 @click.option("--overwrite", is_flag=True, help="Redo images whose outputs exist (default: skip them, so reruns resume).")
 @click.option("--overlay", is_flag=True, help="Also write NAME.overlay.jpg: the image blended with the colour mask "
               "(for a video NAME.overlay.mp4).")
-@click.option("--save-probs", is_flag=True, help="Also write NAME.probs.npy: (C, H, W) float32 probabilities before the "
-              "CRF (images only).")
+@legend_option
+@click.option("--save-probs", is_flag=True, help="Also write NAME.probs.npy: (C, h, w) float32 probabilities before the "
+              "CRF, at the working resolution (images only).")
 @click.option("--report", metavar="FILE.jsonl", default=None,
               help="Write one JSON line per input (per video: frames done / failed): path, output, status, error, timings.")
 @click.option("--no-progress", is_flag=True, help="No live progress bar (the summary is still printed).")
@@ -322,8 +323,9 @@ def _segment_video(source: str, output: str, overlay: str | None, overwrite: boo
 @crf_options
 @pipeline_options
 def batch(inputs: tuple[str, ...], output: str | None, from_list: str | None, recursive: bool, overwrite: bool, overlay: bool,
-          save_probs: bool, report: str | None, every: int, start: Any, end: Any, batch_size: int | None,
-          crf_workers: int | None, net_threads: int | None, no_progress: bool, **opts: Any) -> None:
+          legend: bool, save_probs: bool, report: str | None, every: int, start: Any, end: Any,
+          batch_size: int | None, crf_workers: int | None, net_threads: int | None, no_progress: bool,
+          **opts: Any) -> None:
     """Segment every image and video in folders, globs or a list into masks mirroring the tree under -o.
 
     A video NAME.mp4 gives the folder NAME/ of frame masks (000123.png; --every/--start/--end pick frames) and,
@@ -346,7 +348,8 @@ def batch(inputs: tuple[str, ...], output: str | None, from_list: str | None, re
     check_output_dir(output, inputs)
     found = discover_inputs(inputs, recursive=recursive, from_list=from_list, exclude=output,
                             warn=lambda message: say(console, message), videos=True)
-    jobs = plan_jobs(found, output, overlay=overlay, save_probs=save_probs, selection=selection_from(every, start, end))
+    jobs = plan_jobs(found, output, overlay=overlay, save_probs=save_probs, legend=legend,
+                     selection=selection_from(every, start, end))
     if not jobs:
         say(console, "no images or videos found")
     try:
@@ -573,7 +576,8 @@ def weights_info(file: str, as_json: bool) -> None:
 @click.option("--iters", type=int, default=5, show_default=True, help="Timed runs (figures are medians, with min/max).")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs first.")
 @click.option("--images", "images_dir", metavar="DIR", default=None,
-              help="Decode these images (then resized to --size, untimed) instead of generated ones.")
+              help="Decode these images (at their working resolution, --max-side, as segment does; then resized "
+                   "to --size, untimed) instead of generated ones.")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="Run the network in channels_last memory format (segment and batch do).")
 @click.option("--variants/--no-variants", default=True, show_default=True,
@@ -593,7 +597,7 @@ def benchmark(fps: bool, compare: bool, size: str, batch_size: int, iters: int, 
     options = BenchmarkOptions(
         size=parse_size(size), batch_size=batch_size, iters=iters, warmup=warmup, device=opts["device"],
         precision=opts["precision"], channels_last=channels_last, arch=opts["arch"], weights=opts["weights"],
-        classes_file=opts["classes_file"], pad_to=opts["pad_to"], images=images_dir, crf=crf,
+        classes_file=opts["classes_file"], pad_to=opts["pad_to"], images=images_dir, max_side=opts["max_side"], crf=crf,
         use_crf=not opts["no_crf"], crf_backend=opts["crf_backend"], fps=fps or not compare, variants=variants,
         compare=compare,
     )

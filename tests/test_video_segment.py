@@ -166,8 +166,6 @@ def test_interrupted_video_leaves_a_playable_overlay_and_resumes(tmp_path: Path,
     assert len(decode_all(overlay)) == 60  # rebuilt whole: the earlier masks blended from their PNGs
 
 
-@pytest.mark.xfail(strict=True, reason="batch's engine does not run photos at --max-side yet (issue 10 in batch); "
-                                       "frames go through it, so they follow once it does")
 def test_frames_use_the_working_resolution_of_photos(tmp_path: Path, clips, weights_file: Path) -> None:
     frame = decode_all(clips[".avi"])[4]
     Image.fromarray(frame).save(tmp_path / "frame.png")

@@ -20,7 +20,12 @@ Pipeline (each arrow a bounded queue, so memory stays flat however many files th
     priority, `crf_nice`, so the thread feeding the device is never kept waiting for a core) or, for the torch
     CRF backend on CUDA, one thread on the device
   → encode + atomic write on a thread pool → the consumer.
-At most a fixed number of images are past the network and not yet taken by the consumer (`_InFlight`).
+At most a fixed number of images are past the network and not yet taken by the consumer (`_InFlight`), and
+the bytes of all images between the feeder and the consumer stay under `max_bytes` (`_ByteBudget`, charged
+from each file's header before it is decoded), so a folder of 48 MP photos streams in flat memory.
+Working resolution (Segmenter.max_side): a photo larger than it is decoded at a reduced JPEG scale where
+possible and downscaled for the network and the CRF (the `decode` stage); its labels come back at full size
+in the CRF workers (the `crf` stage), or on the device thread without a CRF (`upsample`).
 Per-image seconds per stage land in `ImageResult.timings` (stages.BATCH_STAGES). A batch's network and
 upsampling time is shared equally among its images.
 
@@ -51,7 +56,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import DeeplabError, UsageError
-from ..io import decode_image, encode_mask_png, overlay_image, read_bytes, write_bytes, write_image, write_probs
+from ..io import decode_photo, encode_mask_png, overlay_image, photo_size, read_bytes, write_bytes, write_image, write_probs
+from ..memory import available_bytes
+from ..resolution import downscale, upsample_labels
 from .crf_pool import CRFPool, crf_task
 from .inputs import Job, OutputPaths
 
@@ -122,11 +129,19 @@ def _error_text(exc: BaseException, path: Path) -> str:
 @dataclass(eq=False)
 class _Item:
     job: Job
-    image: np.ndarray | None = None
+    image: np.ndarray | None = None  # at the working resolution (h, w, 3)
     size: tuple[int, int] = (0, 0)  # padded network input (H', W')
+    full: tuple[int, int] = (0, 0)  # the photo's size (H, W), which the labels get
+    full_image: np.ndarray | None = None  # (H, W, 3) when an overlay or keep_images needs it and (H, W) ≠ (h, w)
+    charge: int = 0  # bytes held in the run's _ByteBudget
     probs: np.ndarray | None = None
     labels_before_crf: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def picture(self) -> np.ndarray:
+        """The photo at full size (what overlays and keep_images show)."""
+        return self.full_image if self.full_image is not None else self.image
 
 
 class _Message:
@@ -210,6 +225,33 @@ class _InFlight:
             self._changed.notify_all()
 
 
+class _ByteBudget:
+    """Bytes of the images in flight: a new image waits until its charge fits under the limit; one image alone
+    is always let through, however large (the memory pre-flight decides whether it can run at all)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self._changed = threading.Condition()
+
+    def acquire(self, n: int, stop: threading.Event) -> bool:
+        """Wait until n bytes fit; False (holding nothing) once stopped."""
+        with self._changed:
+            while self.used and self.used + n > self.limit:
+                if stop.is_set():
+                    return False
+                self._changed.wait(0.1)
+            self.used += n
+            self.peak = max(self.peak, self.used)
+            return True
+
+    def release(self, n: int) -> None:
+        with self._changed:
+            self.used -= n
+            self._changed.notify_all()
+
+
 class BatchRun:
     """An iterable run of the pipeline over jobs; iterate once to get ImageResults as they finish (see run_batch)."""
 
@@ -229,6 +271,8 @@ class BatchRun:
         handle_sigint: bool = True,
         on_interrupt: Callable[[], None] | None = None,
         use_crf: bool = True,
+        keep_labels_before_crf: bool = False,
+        max_bytes: int | None = None,
     ) -> None:
         cores = os.cpu_count() or 1
         self.segmenter = segmenter
@@ -245,6 +289,9 @@ class BatchRun:
         self.handle_sigint = handle_sigint
         self.on_interrupt = on_interrupt
         self.crf = segmenter.crf if use_crf else None  # the CRF parameters this run applies (None: no CRF)
+        # Full-size labels before the CRF cost an upsampling per large photo: made only where they are used.
+        self.full_labels_before_crf = self.crf is None or keep_labels_before_crf
+        self._budget = _ByteBudget(max_bytes or max(256 << 20, min(2 << 30, available_bytes() // 4)))
         if self.batch_size < 1 or self.crf_workers < 0 or self.decode_workers < 1:
             raise UsageError("batch size and worker counts must be positive (--crf-workers 0: CRF in this process)")
         self.interrupted = False
@@ -365,11 +412,33 @@ class BatchRun:
         for job in self._jobs:
             if self._stop.is_set():
                 break
-            future = self._decode_pool.submit(self._decode, job)
-            if not self._put(self._decoded, (job, future)):
+            charge = self._charge(job)
+            if not self._budget.acquire(charge, self._stop):
+                break
+            future = self._decode_pool.submit(self._decode, job, charge)
+            if not self._put(self._decoded, (job, future, charge)):
                 future.cancel()
+                self._budget.release(charge)
                 break
         self._put(self._decoded, _END, force=True)
+
+    def _charge(self, job: Job) -> int:
+        """Bytes an image holds at most while in flight, from its header: the decoded photo, the working-size
+        image and class maps, the full-size labels and overlay."""
+        size = job.image.shape[:2] if job.image is not None else photo_size(job.path)
+        if size is None:
+            return 1 << 20  # unreadable: it fails at decoding
+        seg = self.segmenter
+        full = size[0] * size[1]
+        h, w = seg.working_size(*size)
+        overlay = job.outputs is not None and job.outputs.overlay is not None
+        return full * (3 + 1 + (3 if overlay else 0)) + h * w * (3 + 3 * 4 * seg.num_classes)
+
+    def _drop(self, entry: Any) -> None:
+        """A queued entry that will not run (stopped): cancel its decoding and give back its bytes."""
+        if entry is not _END:
+            entry[1].cancel()
+            self._budget.release(entry[2])
 
     def _put(self, q: queue.Queue, item: Any, force: bool = False) -> bool:
         """Put with back-pressure; gives up (False) once stopped unless forced."""
@@ -382,14 +451,20 @@ class BatchRun:
                     return False
                 if force and self._stop.is_set():
                     with contextlib.suppress(queue.Empty):
-                        entry = q.get_nowait()  # stopped: the device side discards queued work anyway
-                        if entry is not _END:
-                            entry[1].cancel()
+                        self._drop(q.get_nowait())  # stopped: the device side discards queued work anyway
 
-    def _decode(self, job: Job) -> _Item:
+    def _decode(self, job: Job, charge: int = 0) -> _Item:
         t0 = time.perf_counter()
-        image = job.image if job.image is not None else decode_image(read_bytes(job.path), str(job.path))
-        item = _Item(job, image, self.segmenter.input_size(*image.shape[:2]))
+        seg = self.segmenter
+        wants_full = self.keep_images or (job.outputs is not None and job.outputs.overlay is not None)
+        if job.image is not None:  # decoded already (a video frame)
+            image, full = job.image, job.image.shape[:2]
+        else:
+            image, full = decode_photo(read_bytes(job.path), str(job.path), None if wants_full else seg.max_side)
+        seg.check_memory(*full)
+        work = seg.working_size(*full)
+        small = downscale(image, work)
+        item = _Item(job, small, seg.input_size(*work), full, image if wants_full and work != full else None, charge)
         item.timings["decode"] = time.perf_counter() - t0
         return item
 
@@ -416,10 +491,11 @@ class BatchRun:
                     while buckets and not self._stop.is_set():
                         self._run_network(buckets.popitem(last=False)[1])
                     break
-                job, future = entry
+                job, future, charge = entry
                 try:
                     item = future.result()
                 except Exception as exc:  # noqa: BLE001 - any decode failure is this image's failure
+                    self._budget.release(charge)
                     self._results.put(_Message(ImageResult(job, "failed", _error_text(exc, job.path))))
                     continue
                 bucket = buckets.setdefault(item.size, [])
@@ -432,9 +508,9 @@ class BatchRun:
             # Stopped: work not yet on the device is dropped (it is not in flight); the rest finishes.
             with contextlib.suppress(queue.Empty):
                 while True:
-                    entry = decoded.get(timeout=0)
-                    if entry is not _END:
-                        entry[1].cancel()
+                    self._drop(decoded.get(timeout=0))
+            for bucket in buckets.values():
+                self._budget.release(sum(item.charge for item in bucket))
         finally:
             torch.set_num_threads(previous_threads)
         self._in_flight.wait_idle(lambda: self._aborting)
@@ -447,6 +523,7 @@ class BatchRun:
 
     def _run_network(self, items: list[_Item]) -> None:
         if not self._in_flight.reserve(len(items), self._stop):
+            self._budget.release(sum(item.charge for item in items))
             return  # only happens once stopped: these images were never started
         try:
             self._network(items)
@@ -454,8 +531,10 @@ class BatchRun:
                 raise _Aborted
         except _Aborted:
             self._in_flight.release(len(items))
+            self._budget.release(sum(item.charge for item in items))
             return
         except Exception as exc:  # noqa: BLE001
+            _free_device_memory(exc)
             if len(items) > 1:  # e.g. out of memory: retry one by one so only the culprit fails
                 self._in_flight.release(len(items))
                 for item in items:
@@ -463,7 +542,7 @@ class BatchRun:
                 return
             self._in_flight.begin()
             self._emit(items[0], ImageResult(items[0].job, "failed", f"network failed: {_error_text(exc, items[0].job.path)}",
-                                             shape=items[0].image.shape[:2]))
+                                             shape=items[0].full))
             return
         for item in items:
             self._in_flight.begin()
@@ -482,8 +561,13 @@ class BatchRun:
             t1 = time.perf_counter()
             all_probs = seg.probs_from_scores(scores, [item.image.shape[:2] for item in items])
             for item, probs in zip(items, all_probs):
-                item.labels_before_crf = probs.argmax(0).to(torch.uint8).cpu().numpy()
-                item.probs = probs.cpu().numpy() if needs_probs else None
+                if item.full == item.image.shape[:2]:
+                    item.labels_before_crf = probs.argmax(0).to(torch.uint8).cpu().numpy()
+                    item.probs = probs.cpu().numpy() if needs_probs else None
+                else:  # a photo at a working resolution: its labels at full size, in tiles on the host
+                    item.probs = probs.cpu().numpy()
+                    if self.full_labels_before_crf:
+                        item.labels_before_crf = upsample_labels(item.probs, item.full)
             sync(seg.device)
             t2 = time.perf_counter()
         n = len(items)
@@ -502,9 +586,9 @@ class BatchRun:
                 future = self._crf_pool.submit(self._crf_here, item)
             else:
                 future = self._crf_pool.submit(crf_task, item.image, item.probs, self.crf, self.keep_crf_probs,
-                                               self.segmenter.crf_backend)
+                                               self.segmenter.crf_backend, item.full)
         except DeeplabError as exc:
-            self._emit(item, ImageResult(item.job, "failed", str(exc), shape=item.image.shape[:2]))
+            self._emit(item, ImageResult(item.job, "failed", str(exc), shape=item.full))
             return
         future.add_done_callback(lambda f, item=item: self._to_writer(item, f))
 
@@ -518,13 +602,13 @@ class BatchRun:
     def _crf_here(self, item: _Item) -> tuple[np.ndarray, np.ndarray | None, float]:
         t0 = time.perf_counter()
         q = self.segmenter.refine(item.image, item.probs)
-        return q.argmax(axis=0).astype(np.uint8), (q if self.keep_crf_probs else None), time.perf_counter() - t0
+        return upsample_labels(q, item.full), (q if self.keep_crf_probs else None), time.perf_counter() - t0
 
     # -- stage 4: encode + write (thread pool), then hand the result to the consumer
 
     def _finish(self, item: _Item, crf: Future | None) -> None:
         job = item.job
-        result = ImageResult(job, "done", shape=item.image.shape[:2], labels_before_crf=item.labels_before_crf,
+        result = ImageResult(job, "done", shape=item.full, labels_before_crf=item.labels_before_crf,
                              timings=item.timings)
         try:
             if crf is not None:
@@ -534,29 +618,44 @@ class BatchRun:
             probs = item.probs if isinstance(item.probs, np.ndarray) else None
             t0 = time.perf_counter()
             if job.outputs is not None:
-                self._write_outputs(job.outputs, item.image, result.labels, probs)
+                self._write_outputs(job.outputs, item.picture, result.labels, probs, self.segmenter.class_names)
             item.timings["write"] = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - a failure of this image only
             result.status, result.error = "failed", _error_text(exc, job.path)
             result.labels_after_crf = result.crf_probs = None
         if self.keep_images:
-            result.image = item.image
+            result.image = item.picture
         if self.keep_probs and result.ok:
             result.probs = probs
         self._emit(item, result)
 
     @staticmethod
-    def _write_outputs(outputs: OutputPaths, image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None) -> None:
+    def _write_outputs(outputs: OutputPaths, image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None,
+                       class_names: list[str] | None) -> None:
         if outputs.probs is not None:
             write_probs(outputs.probs, probs)
         if outputs.overlay is not None:
-            write_image(outputs.overlay, overlay_image(image, labels))
+            write_image(outputs.overlay, overlay_image(image, labels, class_names if outputs.legend else None))
         write_bytes(outputs.mask, encode_mask_png(labels))  # the mask last: it marks the image as complete
 
     def _emit(self, item: _Item, result: ImageResult) -> None:
-        item.image = item.probs = None
+        item.image = item.full_image = item.probs = None
+        self._budget.release(item.charge)
         self._results.put(_Message(result, slot=True))
         self._in_flight.end()
+
+    @property
+    def peak_bytes(self) -> int:
+        """The most bytes of images in flight at once (estimated from their headers), for tests and diagnostics."""
+        return self._budget.peak
+
+
+def _free_device_memory(exc: BaseException) -> None:
+    """After a CUDA out-of-memory error, give the cached blocks back so the retry image by image can fit."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError) and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_batch(segmenter: Segmenter, jobs: Iterable[Job], **options: Any) -> BatchRun:
@@ -569,7 +668,9 @@ def run_batch(segmenter: Segmenter, jobs: Iterable[Job], **options: Any) -> Batc
     torch's setting), crf_nice (added to the CRF workers' niceness; 0 on CPU, 10 on CUDA), keep_images / keep_probs /
     keep_crf_probs (keep those arrays in the results), handle_sigint (first Ctrl-C stops gracefully,
     True; only in the main thread), on_interrupt (called from the signal handler), use_crf (False: skip the
-    segmenter's CRF).  Results arrive in
+    segmenter's CRF), keep_labels_before_crf (full-size labels_before_crf of photos at a working resolution
+    even when the CRF runs; always made when it does not), max_bytes (bound on the bytes of images in flight;
+    default a quarter of the available memory, between 256 MiB and 2 GiB).  Results arrive in
     completion order; failures are results with status 'failed' and a one-line error, never exceptions.
     jobs may be a lazy iterable; at most a few batches' worth of images are decoded ahead.
     """

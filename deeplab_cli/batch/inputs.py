@@ -174,6 +174,7 @@ class OutputPaths:
     mask: Path
     overlay: Path | None = None
     probs: Path | None = None
+    legend: bool = True  # the overlay carries a legend of the classes present
 
     def paths(self) -> list[Path]:
         return [p for p in (self.mask, self.overlay, self.probs) if p is not None]
@@ -202,6 +203,7 @@ class VideoOutputs:
     masks: Path | None = None
     labels: Path | None = None
     overlay: Path | None = None
+    legend: bool = True  # the overlay carries a legend of the classes present in each frame
 
     @property
     def overlay_video(self) -> Path | None:
@@ -228,7 +230,7 @@ class VideoJob:
 
 def plan_jobs(
     inputs: Sequence[InputFile], output_dir: str | os.PathLike, overlay: bool = False, save_probs: bool = False,
-    selection: FrameSelection = FrameSelection(),
+    legend: bool = True, selection: FrameSelection = FrameSelection(),
 ) -> list[Job | VideoJob]:
     """Map inputs to output paths mirroring their keys under output_dir, with collision-free names.
 
@@ -259,12 +261,13 @@ def plan_jobs(
                 if bases[name] in subfolders[folder]:
                     base = out / folder / name
                 planned[item.key] = VideoOutputs(masks=base, overlay=Path(f"{base}{VIDEO_OVERLAY_SUFFIX}") if overlay
-                                                 else None)
+                                                 else None, legend=legend)
                 continue
             planned[item.key] = OutputPaths(
                 Path(f"{base}{MASK_SUFFIX}"),
                 Path(f"{base}{OVERLAY_SUFFIX}") if overlay else None,
                 Path(f"{base}{PROBS_SUFFIX}") if save_probs else None,
+                legend,
             )
     jobs = [VideoJob(item.path, outputs, selection) if isinstance(outputs := planned[item.key], VideoOutputs)
             else Job(item.path, outputs) for item in inputs]

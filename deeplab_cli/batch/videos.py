@@ -197,7 +197,6 @@ def segment_video(
     overwrite: bool = False,
     info: VideoInfo | None = None,
     progress: Callable[[VideoResult], None] | None = None,
-    legend: bool = False,
     window: int = 64,
     **options: Any,
 ) -> VideoResult:
@@ -205,7 +204,7 @@ def segment_video(
 
     segmenter may be a callable building it, so a video with nothing left to do never loads the model.
     overwrite: redo frames whose masks exist (default: resume). progress(result) is called once the frames
-    are counted and after every frame. legend: draw the classes present on the overlay video's frames. Failures (unreadable file, truncated stream, failed frames) are in the
+    are counted and after every frame. Failures (unreadable file, truncated stream, failed frames) are in the
     result, never raised; a selection that cannot be resolved (times without a frame rate) raises UsageError.
     """
     t0 = time.perf_counter()
@@ -268,7 +267,7 @@ def segment_video(
             yield job_for(seq, frame)
 
     seg = segmenter() if callable(segmenter) else segmenter
-    if legend:
+    if outputs.legend:
         sink.class_names = seg.class_names
     run = run_batch(seg, feed(), **options)
     with sink, reader:
@@ -320,7 +319,7 @@ def _read_mask(path: Path) -> np.ndarray | None:
         return None
 
 
-def outputs_for(source: str | Path, output: str, overlay: str | None = None) -> VideoOutputs:
+def outputs_for(source: str | Path, output: str, overlay: str | None = None, legend: bool = True) -> VideoOutputs:
     """`deeplab segment VIDEO -o OUT [--overlay OV]` → VideoOutputs: a video extension names a file, else a folder.
 
     UsageError for '-', an image extension (a video gives one mask per frame), a lossy label video, or an
@@ -349,4 +348,4 @@ def outputs_for(source: str | Path, output: str, overlay: str | None = None) -> 
     if ov is not None and ov.resolve() == out.resolve():
         raise UsageError(f"{overlay}: -o and --overlay name the same place")
     return VideoOutputs(masks=None if is_video_path(out) else out, labels=out if is_video_path(out) else None,
-                        overlay=ov)
+                        overlay=ov, legend=legend)
