@@ -20,8 +20,8 @@ Pipeline (each arrow a bounded queue, so memory stays flat however many files th
     priority, `crf_nice`, so the thread feeding the device is never kept waiting for a core) or, for the torch
     CRF backend on CUDA, one thread on the device
   → encode + atomic write on a thread pool → the consumer.
-At most a fixed number of images are past the network and not yet taken by the consumer (`_InFlight`), and
-the bytes of all images between the feeder and the consumer stay under `max_bytes` (`_ByteBudget`, charged
+At most a fixed number of images are past the network and not yet taken by the consumer (`flow.InFlight`), and
+the bytes of all images between the feeder and the consumer stay under `max_bytes` (`flow.ByteBudget`, charged
 from each file's header before it is decoded), so a folder of 48 MP photos streams in flat memory.
 Working resolution (Segmenter.max_side): a photo larger than it is decoded at a reduced JPEG scale where
 possible and downscaled for the network and the CRF (the `decode` stage); its labels come back at full size
@@ -60,6 +60,7 @@ from ..io import decode_photo, encode_mask_png, overlay_image, photo_size, read_
 from ..memory import available_bytes
 from ..resolution import downscale, upsample_labels
 from .crf_pool import CRFPool, crf_task
+from .flow import NOTHING, ByteBudget, InFlight, Lookahead
 from .inputs import Job, OutputPaths
 
 if TYPE_CHECKING:
@@ -152,104 +153,10 @@ class _Message:
 
 
 _END = object()  # the last message of a stage
-_NOTHING = object()  # no queue entry yet
 
 
 class _Aborted(Exception):
     """Raised between stages once a run is aborted, so the images in flight are dropped."""
-
-
-class _Lookahead:
-    """Reads a queue one entry ahead, so the reader can see whether the next entry is ready without taking it."""
-
-    def __init__(self, source: queue.Queue) -> None:
-        self._source = source
-        self._head: Any = _NOTHING
-
-    def peek(self) -> Any:
-        """The next entry without waiting (_NOTHING when there is none yet); it stays next."""
-        if self._head is _NOTHING:
-            with contextlib.suppress(queue.Empty):
-                self._head = self._source.get_nowait()
-        return self._head
-
-    def get(self, timeout: float) -> Any:
-        """Take the next entry, waiting up to timeout seconds (queue.Empty if none came)."""
-        head, self._head = self._head, _NOTHING
-        return self._source.get(timeout=timeout) if head is _NOTHING else head
-
-
-class _InFlight:
-    """The images past the network: at most `limit` until the consumer takes their results (back-pressure), and
-    how many are still being worked on (CRF, writing), so the run ends only when none is."""
-
-    def __init__(self, limit: int) -> None:
-        self._slots = threading.Semaphore(limit)
-        self._working = 0
-        self._changed = threading.Condition()
-
-    def reserve(self, n: int, stop: threading.Event) -> bool:
-        """Wait for room for n images; False (holding nothing) once stopped, as no new image starts then."""
-        held = 0
-        while held < n:
-            if self._slots.acquire(timeout=0.1):
-                held += 1
-            elif stop.is_set():
-                self.release(held)
-                return False
-        return True
-
-    def release(self, n: int = 1) -> None:
-        """Give back n slots: the consumer took the results, or the images never went downstream."""
-        if n:
-            self._slots.release(n)
-
-    def begin(self) -> None:
-        """One reserved image goes downstream (CRF, writing)."""
-        with self._changed:
-            self._working += 1
-
-    def end(self) -> None:
-        """One image downstream is done: its result is on its way to the consumer."""
-        with self._changed:
-            self._working -= 1
-            self._changed.notify_all()
-
-    def wait_idle(self, aborting: Callable[[], bool]) -> None:
-        """Wait until no image is downstream, or the run is aborted."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._working <= 0 or aborting())
-
-    def wake(self) -> None:
-        with self._changed:
-            self._changed.notify_all()
-
-
-class _ByteBudget:
-    """Bytes of the images in flight: a new image waits until its charge fits under the limit; one image alone
-    is always let through, however large (the memory pre-flight decides whether it can run at all)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self.peak = 0
-        self._changed = threading.Condition()
-
-    def acquire(self, n: int, stop: threading.Event) -> bool:
-        """Wait until n bytes fit; False (holding nothing) once stopped."""
-        with self._changed:
-            while self.used and self.used + n > self.limit:
-                if stop.is_set():
-                    return False
-                self._changed.wait(0.1)
-            self.used += n
-            self.peak = max(self.peak, self.used)
-            return True
-
-    def release(self, n: int) -> None:
-        with self._changed:
-            self.used -= n
-            self._changed.notify_all()
 
 
 class BatchRun:
@@ -291,7 +198,7 @@ class BatchRun:
         self.crf = segmenter.crf if use_crf else None  # the CRF parameters this run applies (None: no CRF)
         # Full-size labels before the CRF cost an upsampling per large photo: made only where they are used.
         self.full_labels_before_crf = self.crf is None or keep_labels_before_crf
-        self._budget = _ByteBudget(max_bytes or max(256 << 20, min(2 << 30, available_bytes() // 4)))
+        self._budget = ByteBudget(max_bytes or max(256 << 20, min(2 << 30, available_bytes() // 4)))
         if self.batch_size < 1 or self.crf_workers < 0 or self.decode_workers < 1:
             raise UsageError("batch size and worker counts must be positive (--crf-workers 0: CRF in this process)")
         self.interrupted = False
@@ -302,7 +209,7 @@ class BatchRun:
         self._stop = threading.Event()
         self._results: queue.Queue = queue.Queue()
         self._decoded: queue.Queue = queue.Queue(maxsize=max(2 * self.decode_workers, 2 * self.batch_size))
-        self._in_flight = _InFlight(2 * max(self.crf_workers, 1) + self.write_workers + self.batch_size)
+        self._in_flight = InFlight(2 * max(self.crf_workers, 1) + self.write_workers + self.batch_size)
         crf_on_device = self.crf is not None and segmenter.crf_backend == "torch" and segmenter.device.type == "cuda"
         self._crf_pool = CRFPool(self.crf_workers, self.crf_nice, in_process=crf_on_device)
 
@@ -477,7 +384,7 @@ class BatchRun:
         if self.net_threads:
             torch.set_num_threads(self.net_threads)
         buckets: OrderedDict[tuple[int, int], list[_Item]] = OrderedDict()
-        decoded = _Lookahead(self._decoded)
+        decoded = Lookahead(self._decoded)
         try:
             while not self._stop.is_set():
                 if buckets and not self._ready(decoded.peek()):
@@ -519,7 +426,7 @@ class BatchRun:
     @staticmethod
     def _ready(entry: Any) -> bool:
         """True when a queue entry is a decoded image ready to be taken (so batching can wait for it)."""
-        return entry is not _NOTHING and entry is not _END and entry[1].done()
+        return entry is not NOTHING and entry is not _END and entry[1].done()
 
     def _run_network(self, items: list[_Item]) -> None:
         if not self._in_flight.reserve(len(items), self._stop):
