@@ -142,33 +142,13 @@ pipeline_options = _stack(
 )
 
 
-
-def _video_time(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
-    """--start / --end → video.TimePoint."""
-    from .video import parse_time
-
-    try:
-        return None if value is None else parse_time(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-# Which frames of a video are segmented (video.FrameSelection).
+# Which frames of a video are segmented (video.FrameSelection.parse).
 video_options = _stack(
     click.option("--every", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
                  help="Videos: segment every Nth frame of the selection."),
-    click.option("--start", callback=_video_time, metavar="TIME",
-                 help="Videos: first frame, a time (10s, 1m, 1:02.5) or a frame number (250f)."),
-    click.option("--end", callback=_video_time, metavar="TIME",
-                 help="Videos: stop before this time or frame number (exclusive)."),
+    click.option("--start", metavar="TIME", help="Videos: first frame, a time (10s, 1m, 1:02.5) or a frame number (250f)."),
+    click.option("--end", metavar="TIME", help="Videos: stop before this time or frame number (exclusive)."),
 )
-
-
-def selection_from(every: int, start: Any, end: Any):
-    """The video.FrameSelection of --every / --start / --end."""
-    from .video import FrameSelection
-
-    return FrameSelection(start, end, every)
 
 
 def crf_params_from(opts: dict[str, Any]):
@@ -237,21 +217,20 @@ def segmenter_from(opts: dict[str, Any], log: bool = True, in_pool: bool = False
 @crf_options
 @pipeline_options
 def segment(image: str, output: str, overlay: str | None, save_probs: str | None, overwrite: bool, legend: bool,
-            every: int, start: Any, end: Any, batch_size: int | None, crf_workers: int | None,
+            every: int, start: str | None, end: str | None, batch_size: int | None, crf_workers: int | None,
             net_threads: int | None, **opts: Any) -> None:
     """Segment one IMAGE ('-' for stdin) into a VOC-coloured palette PNG mask, or every frame of a VIDEO.
 
-    Videos (.mp4 .mov .avi .mkv .webm …, read with OpenCV's FFmpeg) stream through the same pipeline as
-    `deeplab batch`, frames at the same --max-side as photos; --batch-size, --crf-workers and --net-threads
-    apply to them. Audio is not carried into the outputs. A rerun into a mask folder resumes at the first
-    missing frame; Ctrl-C finishes the frames in flight and leaves a playable overlay video (exit code 130).
+    Videos (.mp4 .mov .avi .mkv .webm …) stream through `deeplab batch`'s pipeline (its options apply), frames
+    at --max-side like photos; audio is not carried. A rerun into a mask folder resumes at the first missing
+    frame; Ctrl-C finishes the frames in flight and leaves a playable overlay video (exit code 130).
     """
-    from .video import is_video_path
+    from .video import FrameSelection, is_video_path
 
     if is_video_path(image) and image != "-":
         if save_probs:
             raise UsageError("--save-probs is for images; for a video use -o DIR (masks) or -o OUT.mkv (labels)")
-        _segment_video(image, output, overlay, overwrite, selection_from(every, start, end), legend, opts,
+        _segment_video(image, output, overlay, overwrite, FrameSelection.parse(start, end, every), legend, opts,
                        batch_size=batch_size, crf_workers=crf_workers, net_threads=net_threads)
         return
     from .io import overlay_image, read_photo, same_file, write_image, write_mask, write_probs
@@ -282,14 +261,11 @@ def segment(image: str, output: str, overlay: str | None, save_probs: str | None
 
 def _segment_video(source: str, output: str, overlay: str | None, overwrite: bool, selection: Any, legend: bool,
                    opts: dict[str, Any], **pipeline: Any) -> None:
-    from .batch import VideoJob, exit_on_next_interrupt
-    from .batch.videos import outputs_for
+    from .batch import exit_on_next_interrupt
+    from .batch.videos import plan_video
     from .console import segment_video_with_progress, stderr_console
-    from .video import probe_video
 
-    job = VideoJob(Path(source), outputs_for(source, output, overlay, legend), selection)
-    info = probe_video(source)  # before loading the model: a bad video fails fast
-    selection.resolve(info.fps)
+    job, info = plan_video(source, output, overlay, legend, selection)  # before loading the model: fail fast
     try:
         result = segment_video_with_progress(lambda: segmenter_from(opts, in_pool=True), job, stderr_console(),
                                              overwrite=overwrite, info=info, **pipeline)
@@ -323,7 +299,7 @@ def _segment_video(source: str, output: str, overlay: str | None, overwrite: boo
 @crf_options
 @pipeline_options
 def batch(inputs: tuple[str, ...], output: str | None, from_list: str | None, recursive: bool, overwrite: bool, overlay: bool,
-          legend: bool, save_probs: bool, report: str | None, every: int, start: Any, end: Any,
+          legend: bool, save_probs: bool, report: str | None, every: int, start: str | None, end: str | None,
           batch_size: int | None, crf_workers: int | None, net_threads: int | None, no_progress: bool,
           **opts: Any) -> None:
     """Segment every image and video in folders, globs or a list into masks mirroring the tree under -o.
@@ -337,6 +313,7 @@ def batch(inputs: tuple[str, ...], output: str | None, from_list: str | None, re
         check_output_dir, default_output_dir, discover_inputs, exit_on_next_interrupt, plan_jobs, segment_tree,
     )
     from .console import BatchProgress, describe_video, on_interrupt, print_summary, say, stderr_console
+    from .video import FrameSelection
 
     if not inputs and from_list is None:
         raise UsageError("give input folders, globs or images, or --from-list FILE")
@@ -349,7 +326,7 @@ def batch(inputs: tuple[str, ...], output: str | None, from_list: str | None, re
     found = discover_inputs(inputs, recursive=recursive, from_list=from_list, exclude=output,
                             warn=lambda message: say(console, message), videos=True)
     jobs = plan_jobs(found, output, overlay=overlay, save_probs=save_probs, legend=legend,
-                     selection=selection_from(every, start, end))
+                     selection=FrameSelection.parse(start, end, every))
     if not jobs:
         say(console, "no images or videos found")
     try:

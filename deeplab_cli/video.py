@@ -224,10 +224,16 @@ class FrameSelection:
             raise UsageError(f"--end {self.end} is not after --start {self.start or '0s'}: no frames selected")
         return FrameRange(start, stop, self.every)
 
-    @property
-    def is_all(self) -> bool:
-        """True when every frame is selected."""
-        return self.start is None and self.end is None and self.every == 1
+    @classmethod
+    def parse(cls, start: str | None = None, end: str | None = None, every: int = 1) -> FrameSelection:
+        """From the texts of --start and --end (see parse_time) and --every; UsageError naming the bad option."""
+        points = []
+        for option, text in (("--start", start), ("--end", end)):
+            try:
+                points.append(None if text is None else parse_time(text))
+            except ValueError as exc:
+                raise UsageError(f"{option} {exc}") from None
+        return cls(points[0], points[1], every)
 
 
 # ---------------------------------------------------------------------------------------------

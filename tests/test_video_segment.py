@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from helpers import cli, one_line_error
 from PIL import Image
 
-from deeplab_cli.cli import main
 from deeplab_cli.pipeline import Segmenter
 from deeplab_cli.video import probe_video, read_label_video
 from deeplab_cli.batch import VideoJob, VideoOutputs, segment_video
@@ -30,7 +29,7 @@ FAST = (*CRF, "--crf-workers", "1")
 
 
 def run(*args: object):
-    return CliRunner().invoke(main, ["segment", *map(str, args)], catch_exceptions=False)
+    return cli("segment", *args)
 
 
 def masks_in(folder: Path) -> dict[str, np.ndarray]:
@@ -118,9 +117,8 @@ def test_truncated_video_is_reported_and_its_decoded_frames_kept(tmp_path: Path,
 def test_unreadable_video_is_one_line(tmp_path: Path, weights_file: Path, content: bytes, reason: str) -> None:
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(content)
-    res = run(bad, "-o", tmp_path / "masks", "--weights", weights_file)
-    assert res.exit_code == 1
-    assert res.stderr.count("\n") == 1 and reason in res.stderr and str(bad) in res.stderr
+    line = one_line_error(run(bad, "-o", tmp_path / "masks", "--weights", weights_file))
+    assert reason in line and str(bad) in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.mp4"]
 
 
@@ -131,8 +129,7 @@ def test_unreadable_video_is_one_line(tmp_path: Path, weights_file: Path, conten
     (("-o", "m", "--every", "0"), "--every"),
 ])
 def test_bad_video_options_are_usage_errors(tmp_path: Path, clips, args: tuple[str, ...], message: str) -> None:
-    res = CliRunner().invoke(main, ["segment", str(clips[".avi"]), *args], catch_exceptions=False)
-    assert res.exit_code == 2 and message in res.stderr and res.stderr.count("\n") == 1, res.output
+    assert message in one_line_error(run(clips[".avi"], *args), code=2)
 
 
 def test_interrupted_video_leaves_a_playable_overlay_and_resumes(tmp_path: Path, photo: np.ndarray,

@@ -319,11 +319,13 @@ def _read_mask(path: Path) -> np.ndarray | None:
         return None
 
 
-def outputs_for(source: str | Path, output: str, overlay: str | None = None, legend: bool = True) -> VideoOutputs:
-    """`deeplab segment VIDEO -o OUT [--overlay OV]` → VideoOutputs: a video extension names a file, else a folder.
+def plan_video(source: str | Path, output: str, overlay: str | None = None, legend: bool = True,
+               selection: FrameSelection = FrameSelection()) -> tuple[VideoJob, VideoInfo]:
+    """`deeplab segment VIDEO -o OUT [--overlay OV]` → the job and the probed video (before any model is loaded).
 
-    UsageError for '-', an image extension (a video gives one mask per frame), a lossy label video, or an
-    output that is the input.
+    -o / --overlay with a video extension name a file, else a folder. UsageError for '-', an image extension
+    (a video gives one mask per frame), a lossy label video, an output that is the input, or a selection that
+    picks no frame; DeeplabError for a video that cannot be opened.
     """
     from ..io import STDIO, is_image_path
     from ..video import check_video_output
@@ -347,5 +349,8 @@ def outputs_for(source: str | Path, output: str, overlay: str | None = None, leg
     ov = target(overlay, "overlay", labels=False) if overlay else None
     if ov is not None and ov.resolve() == out.resolve():
         raise UsageError(f"{overlay}: -o and --overlay name the same place")
-    return VideoOutputs(masks=None if is_video_path(out) else out, labels=out if is_video_path(out) else None,
-                        overlay=ov, legend=legend)
+    outputs = VideoOutputs(masks=None if is_video_path(out) else out, labels=out if is_video_path(out) else None,
+                           overlay=ov, legend=legend)
+    info = probe_video(source)
+    selection.resolve(info.fps)
+    return VideoJob(Path(source), outputs, selection), info
