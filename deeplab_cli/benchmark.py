@@ -313,7 +313,7 @@ def make_segmenter(model: DeepLab, device: torch.device, precision: str | None, 
     """A Segmenter over the shared model, its memory format reset first (channels_last converts it in place)."""
     model.to(memory_format=torch.contiguous_format)
     return Segmenter(model, device=device, precision=precision, pad_to=opts.pad_to, crf=crf,
-                     crf_backend=crf_backend, channels_last=channels_last)
+                     crf_backend=crf_backend, channels_last=channels_last, max_side=opts.max_side)
 
 
 # ---------------------------------------------------------------------------------------------

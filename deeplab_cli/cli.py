@@ -144,8 +144,7 @@ pipeline_options = _stack(
 
 # Which frames of a video are segmented (video.FrameSelection.parse).
 video_options = _stack(
-    click.option("--every", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
-                 help="Videos: segment every Nth frame of the selection."),
+    click.option("--every", type=click.IntRange(min=1), default=1, metavar="N", help="Videos: every Nth frame [1]."),
     click.option("--start", metavar="TIME", help="Videos: first frame, a time (10s, 1m, 1:02.5) or a frame number (250f)."),
     click.option("--end", metavar="TIME", help="Videos: stop before this time or frame number (exclusive)."),
 )
@@ -201,12 +200,10 @@ def segmenter_from(opts: dict[str, Any], log: bool = True, in_pool: bool = False
 
 @main.command()
 @click.argument("image", metavar="IMAGE|VIDEO")
-@click.option("-o", "--output", required=True, metavar="OUT.png|DIR|OUT.mkv",
-              help="Palette PNG mask ('-' for stdout); for a video a folder of NNN.png masks or a lossless label "
-                   "video (.mkv, .avi, .mov).")
-@click.option("--overlay", metavar="PATH", default=None,
-              help="Also write the image blended with the colour mask; for a video an .mp4/.mov/.mkv/.avi at the "
-                   "source frame rate ÷ --every, or a folder of NNN.jpg.")
+@click.option("-o", "--output", required=True, metavar="OUT.png|DIR|OUT.mkv", help="Palette PNG mask ('-' for "
+              "stdout); for a video a folder of NNN.png masks or a lossless label video (.mkv, .avi, .mov).")
+@click.option("--overlay", metavar="PATH", default=None, help="Also write the image blended with the colour mask; "
+              "for a video an .mp4/.mov/.mkv/.avi at the source frame rate ÷ --every, or a folder of NNN.jpg.")
 @click.option("--save-probs", metavar="PATH.npy", default=None,
               help="Also save (C, h, w) float32 softmax probabilities before the CRF, at the working resolution "
                    "(the photo's size up to --max-side; the array's shape gives it). Images only.")
@@ -559,16 +556,20 @@ def weights_info(file: str, as_json: bool) -> None:
               help="Run the network in channels_last memory format (segment and batch do).")
 @click.option("--variants/--no-variants", default=True, show_default=True,
               help="Also time every precision / memory format of the device and its argmax agreement with fp32.")
+@click.option("--video", metavar="CLIP", default=None, help="Instead: decode and end-to-end frames/s (with and "
+              "without the CRF) of this video's first --frames frames, as `segment CLIP -o DIR` runs them.")
+@click.option("--frames", type=click.IntRange(min=1), default=30, show_default=True, help="With --video: frames timed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object on stdout (keys: README).")
 @model_options
 @crf_options
 def benchmark(fps: bool, compare: bool, size: str, batch_size: int, iters: int, warmup: int, images_dir: str | None,
-              channels_last: bool, variants: bool, as_json: bool, **opts: Any) -> None:
+              channels_last: bool, variants: bool, video: str | None, frames: int, as_json: bool, **opts: Any) -> None:
     """Measure the speed of every pipeline stage on this machine (random weights unless --weights)."""
     import json
 
     from .benchmark import BenchmarkOptions, parse_size, run_benchmark
-    from .console import render_benchmark, say, stderr_console
+    from .benchmark_video import run_video_benchmark
+    from .console import render_benchmark, render_video_benchmark, say, stderr_console
 
     crf = crf_params_from({**opts, "no_crf": False})  # --compare times the CRF even with --no-crf
     options = BenchmarkOptions(
@@ -579,8 +580,12 @@ def benchmark(fps: bool, compare: bool, size: str, batch_size: int, iters: int, 
         compare=compare,
     )
     console = stderr_console()
-    report = run_benchmark(options, log=lambda message: say(console, message))
-    render_benchmark(report, console)
+    if video:
+        report = run_video_benchmark(options, video, frames, lambda message: say(console, message), batch_size=batch_size)
+        render_video_benchmark(report, console)
+    else:
+        report = run_benchmark(options, log=lambda message: say(console, message))
+        render_benchmark(report, console)
     if as_json:
         click.echo(json.dumps(report))
 

@@ -386,3 +386,30 @@ def render_benchmark(report: dict[str, Any], console: Console) -> None:
         console.print(table)
         if len(cmp["available"]) < 2:
             console.print(f"only {', '.join(cmp['available']) or 'no backend'} available: nothing to compare side by side")
+
+
+def render_video_benchmark(report: dict[str, Any], console: Console) -> None:
+    """Print `deeplab benchmark --video`'s report (benchmark_video.run_video_benchmark) on a console (stderr)."""
+    env, video = report["environment"], report["video"]
+    load = env.get("load_average")
+    console.print(f"deeplab benchmark --video: {env['device']} ({env['device_name']}), {env['cpu_count']} CPUs"
+                  + (f", load {load[0]:.2f}" if load else "") + f"; {env['arch']}, "
+                  + ("random weights" if env["random_weights"] else str(env["weights"])) + f", {env['precision']}",
+                  markup=False, highlight=False)
+    width, height = video["size"]
+    console.print(f"{video['path']}: {width}×{height} ({video['codec']}, {video['fps']:g} fps), network and CRF at "
+                  f"{video['working_size'][0]}×{video['working_size'][1]}; {video['frames_timed']} frames timed",
+                  markup=False, highlight=False)
+    table = Table(title="frames/s and ms per frame (stages summed over threads and processes)")
+    table.add_column("run", no_wrap=True)
+    table.add_column("frames/s", justify="right")
+    for stage in BATCH_STAGES:
+        table.add_column(stage, justify="right")
+    table.add_row("decode alone", f"{report['decode_fps']:.1f}", *[""] * len(BATCH_STAGES))
+    for name, run in report["end_to_end"].items():
+        label = f"end to end, {'with' if name == 'with_crf' else 'no'} CRF"
+        if run is None:
+            table.add_row(label, "-", *[""] * len(BATCH_STAGES))
+        else:
+            table.add_row(label, f"{run['fps']:.2f}", *(f"{run['ms_per_frame'][s]:.0f}" for s in BATCH_STAGES))
+    console.print(table)
