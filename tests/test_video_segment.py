@@ -132,6 +132,7 @@ def test_bad_video_options_are_usage_errors(tmp_path: Path, clips, args: tuple[s
     assert message in one_line_error(run(clips[".avi"], *args), code=2)
 
 
+@pytest.mark.slow
 def test_interrupted_video_leaves_a_playable_overlay_and_resumes(tmp_path: Path, photo: np.ndarray,
                                                                  weights_file: Path) -> None:
     clip = make_clip(tmp_path / "long.mp4", photo, frames=60)
