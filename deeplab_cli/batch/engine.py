@@ -98,13 +98,7 @@ class ImageResult:
     def report_record(self) -> dict[str, Any]:
         """The --report line: path, output, status, error, timings (seconds), plus size and extra outputs."""
         outputs = self.job.outputs
-        record: dict[str, Any] = {
-            "path": str(self.job.path),
-            "output": str(outputs.mask) if outputs else None,
-            "status": self.status,
-            "error": self.error,
-            "timings": {k: round(v, 6) for k, v in self.timings.items()},
-        }
+        record = report_line(self.job.path, outputs.mask if outputs else None, self.status, self.error, self.timings)
         if self.shape is not None:
             record["size"] = [self.shape[1], self.shape[0]]  # width, height as image tools print them
         if outputs and outputs.overlay:
@@ -112,6 +106,13 @@ class ImageResult:
         if outputs and outputs.probs:
             record["probs"] = str(outputs.probs)
         return record
+
+
+def report_line(path: Path, output: Path | None, status: str, error: str | None,
+                timings: dict[str, float]) -> dict[str, Any]:
+    """The keys every --report line starts with: path, output, status, error, timings (seconds)."""
+    return {"path": str(path), "output": str(output) if output else None, "status": status, "error": error,
+            "timings": {k: round(v, 6) for k, v in timings.items()}}
 
 
 def skipped_result(job: Job) -> ImageResult:

@@ -24,6 +24,7 @@ reason; the frames that decoded are segmented and kept.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -51,7 +52,7 @@ from ..video import (
     is_video_path,
     probe_video,
 )
-from .engine import run_batch
+from .engine import report_line, run_batch
 from .inputs import Job, OutputPaths, VideoJob, VideoOutputs, remove_stale_parts
 
 if TYPE_CHECKING:
@@ -91,14 +92,8 @@ class VideoResult:
     def report_record(self) -> dict[str, Any]:
         """The --report line: path, outputs, status, error, frames (total, done, failed, skipped), size, fps."""
         outputs = self.job.outputs
-        record: dict[str, Any] = {
-            "path": str(self.job.path),
-            "output": str(outputs.masks or outputs.labels) if (outputs.masks or outputs.labels) else None,
-            "status": self.status,
-            "error": self.error,
-            "frames": {"total": self.total, "done": self.done, "failed": self.failed, "skipped": self.skipped},
-            "timings": {k: round(v, 6) for k, v in self.timings.items()},
-        }
+        record = report_line(self.job.path, outputs.masks or outputs.labels, self.status, self.error, self.timings)
+        record["frames"] = {"total": self.total, "done": self.done, "failed": self.failed, "skipped": self.skipped}
         if self.frame_errors:
             record["frame_errors"] = [{"frame": i, "error": e} for i, e in self.frame_errors]
         if self.info is not None:
@@ -230,7 +225,8 @@ def segment_video(
     except DeeplabError as exc:
         result.status, result.error = "failed", str(exc)
         return result
-    remove_stale_parts(p for p in (outputs.masks, outputs.overlay_frames) if p is not None)
+    remove_stale_parts([p for p in (outputs.masks, outputs.overlay_frames) if p is not None]
+                       + [p.parent for p in (outputs.labels, outputs.overlay_video) if p is not None])
     sink = FrameSink(outputs, info.fps / frames.step if info.fps > 0 else 0.0, digits)
     if not sink.ordered:
         resume_at = first_missing(frames, done, info.frame_count)
@@ -270,7 +266,7 @@ def segment_video(
     if outputs.legend:
         sink.class_names = seg.class_names
     run = run_batch(seg, feed(), **options)
-    with sink, reader:
+    with sink, reader, contextlib.closing(run):
         for frame_result in run:
             seq, index = frame_result.job.tag
             if frame_result.ok:
