@@ -17,7 +17,9 @@ Writing: masks as palette PNGs named by frame index (`frame_name`), zero-padded 
 frame count so the names sort in order; a lossless label video (class index per pixel as gray levels:
 FFV1 in .mkv/.avi, PNG in .mov, each verified by reading it back in the tests); an overlay video (mp4v in
 .mp4/.m4v/.mov/.mkv, Motion JPEG in .avi). Video files are written under a temporary name with the same
-extension (FFmpeg picks the container by it) and renamed when finalised. Audio is not carried.
+extension (FFmpeg picks the container by it) and renamed when finalised. Audio is not carried. OpenCV's
+writer keeps even sizes only: an overlay of odd-sized frames loses its last row or column, and a label video
+of such frames is refused (check_label_video_size).
 
 Torch-free: cv2 and numpy only.
 """
@@ -412,6 +414,14 @@ def check_video_output(path: str | os.PathLike, labels: bool) -> None:
         raise UsageError(f"{path}: {what} is written as {', '.join(sorted(table))}")
 
 
+def check_label_video_size(path: str | os.PathLike, height: int, width: int) -> None:
+    """DeeplabError unless height and width are even: OpenCV's FFmpeg writer drops an odd last row or column,
+    which an overlay can lose but a label video cannot."""
+    if height % 2 or width % 2:
+        raise DeeplabError(f"{path}: OpenCV writes videos of even width and height only, and frames of "
+                           f"{width}×{height} would lose a row or column; write the masks to a folder (-o DIR)")
+
+
 class VideoFileWriter:
     """Frames in order to a video file at fps, under a temporary name; close() finalises the container and renames it.
 
@@ -446,6 +456,8 @@ class VideoFileWriter:
         cv2 = _cv2()
         height, width = frame.shape[:2]
         if self._writer is None:
+            if self.labels:
+                check_label_video_size(self.path, height, width)
             tmp = self._stack.enter_context(atomic_path(self.path, keep_suffix=True))
             codec = (LABEL_VIDEO_CODECS if self.labels else OVERLAY_VIDEO_CODECS)[self.path.suffix.lower()]
             writer = cv2.VideoWriter(str(tmp), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*codec), self.fps,

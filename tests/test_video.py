@@ -162,6 +162,18 @@ def test_label_video_is_lossless(tmp_path: Path, suffix: str) -> None:
     assert probe_video(path).fps == FPS
 
 
+def test_odd_sizes_refused_for_label_videos_cropped_for_overlays(tmp_path: Path) -> None:
+    # OpenCV's FFmpeg writer keeps even sizes only, whatever the codec: a label video would lose a row.
+    with pytest.raises(DeeplabError, match="even width and height"), \
+            VideoFileWriter(tmp_path / "labels.mkv", FPS, labels=True) as writer:
+        writer.write(np.zeros((95, 127), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+    with VideoFileWriter(tmp_path / "overlay.mp4", FPS) as writer:
+        writer.write(np.zeros((95, 127, 3), np.uint8))
+    info = probe_video(tmp_path / "overlay.mp4")
+    assert (info.height, info.width) == (94, 126)
+
+
 def test_overlay_video_is_finalised_when_closed_early_and_removed_on_error(tmp_path: Path, photo: np.ndarray) -> None:
     frames = decode_all(make_clip(tmp_path / "src.avi", photo))
     path = tmp_path / "out" / "overlay.mp4"

@@ -324,7 +324,7 @@ def plan_video(source: str | Path, output: str, overlay: str | None = None, lege
     picks no frame; DeeplabError for a video that cannot be opened.
     """
     from ..io import STDIO, is_image_path
-    from ..video import check_video_output
+    from ..video import check_label_video_size, check_video_output
 
     def target(text: str, what: str, labels: bool) -> Path:
         if text == STDIO:
@@ -349,4 +349,6 @@ def plan_video(source: str | Path, output: str, overlay: str | None = None, lege
                            overlay=ov, legend=legend)
     info = probe_video(source)
     selection.resolve(info.fps)
+    if outputs.labels is not None:
+        check_label_video_size(outputs.labels, info.height, info.width)
     return VideoJob(Path(source), outputs, selection), info
