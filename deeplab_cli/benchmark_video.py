@@ -42,7 +42,8 @@ def run_video_benchmark(opts: BenchmarkOptions, video: str | os.PathLike, frames
     info = probe_video(video)
     device = select_device(opts.device)
     check_precision(opts.precision, device.type)
-    model, weights = load_model(opts)
+    model, weights, model_preset = load_model(opts)
+    params = opts.crf_params(model_preset)
     if weights is None:
         log(f"using randomly initialised weights of the real {model.arch.name} architecture "
             "(speed does not depend on weight values)")
@@ -58,7 +59,7 @@ def run_video_benchmark(opts: BenchmarkOptions, video: str | os.PathLike, frames
 
     runs: dict[str, dict[str, Any] | None] = {}
     seg: Segmenter | None = None
-    for name, crf in (("with_crf", opts.crf if opts.use_crf else None), ("without_crf", None)):
+    for name, crf in (("with_crf", params if opts.use_crf else None), ("without_crf", None)):
         if name == "with_crf" and crf is None:
             runs[name] = None
             continue
@@ -81,7 +82,7 @@ def run_video_benchmark(opts: BenchmarkOptions, video: str | os.PathLike, frames
             "load_average": [round(x, 2) for x in load] if load else None, "precision": seg.precision,
             "channels_last": opts.channels_last, "arch": model.arch.name, "weights": weights,
             "random_weights": weights is None, "max_side": seg.max_side, "crf_backend": backend if opts.use_crf else None,
-            "crf_iterations": opts.crf.iterations if opts.use_crf else None, **{k: v for k, v in pipeline.items()},
+            "crf_iterations": params.iterations if opts.use_crf else None, **{k: v for k, v in pipeline.items()},
         },
         "video": {"path": str(video), "frame_count": info.frame_count, "fps": info.fps, "size": [info.width, info.height],
                   "working_size": [work_w, work_h], "codec": info.codec, "rotation": info.rotation, "frames_timed": count},

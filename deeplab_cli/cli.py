@@ -15,7 +15,7 @@ import click
 
 from . import __version__
 from .archs import ARCHS
-from .crf import BACKENDS, PRESETS
+from .crf import AUTO_PRESET, BACKENDS, PRESETS
 from .errors import DeeplabError, UsageError
 from .precision import PRECISIONS
 from .resolution import DEFAULT_MAX_SIDE
@@ -117,8 +117,9 @@ legend_option = click.option("--legend/--no-legend", default=True, show_default=
 
 crf_options = _stack(
     click.option("--no-crf", is_flag=True, help="Skip the CRF (argmax of the network's probabilities)."),
-    click.option("--crf-preset", type=click.Choice(list(PRESETS)), default="largefov", show_default=True,
-                 help="CRF parameters cross-validated for a model (the paper's per-model values)."),
+    click.option("--crf-preset", type=click.Choice([AUTO_PRESET, *PRESETS]), default=AUTO_PRESET, show_default=True,
+                 help="CRF parameters cross-validated for a model (the paper's per-model values); auto: the one "
+                 "recorded with the weights, else their architecture's (largefov without a model)."),
     click.option("--crf-iterations", type=click.IntRange(min=0), default=None, help="Mean-field iterations [10]."),
     click.option("--bi-w", type=float, default=None, help="Bilateral kernel weight w1 [preset]."),
     click.option("--bi-xy", type=float, default=None, help="Bilateral σα, pixels [preset]."),
@@ -142,24 +143,27 @@ pipeline_options = _stack(
 )
 
 
-# Which frames of a video are segmented (video.FrameSelection.parse).
-video_options = _stack(
+video_options = _stack(  # which frames of a video are segmented (video.FrameSelection.parse)
     click.option("--every", type=click.IntRange(min=1), default=1, metavar="N", help="Videos: every Nth frame [1]."),
     click.option("--start", metavar="TIME", help="Videos: first frame, a time (10s, 1m, 1:02.5) or a frame number (250f)."),
     click.option("--end", metavar="TIME", help="Videos: stop before this time or frame number (exclusive)."),
 )
 
 
-def crf_params_from(opts: dict[str, Any]):
-    """CRFParams from the shared CRF options, or None with --no-crf."""
+def crf_overrides(opts: dict[str, Any]) -> dict[str, Any]:
+    """The CRFParams fields the shared CRF options set (None: the preset's value)."""
+    return {"iterations": opts.get("crf_iterations"), "bi_w": opts.get("bi_w"), "bi_xy": opts.get("bi_xy"),
+            "bi_rgb": opts.get("bi_rgb"), "pos_w": opts.get("pos_w"), "pos_xy": opts.get("pos_xy")}
+
+
+def crf_params_from(opts: dict[str, Any], model_preset: str = "largefov"):
+    """CRFParams from the shared CRF options ('auto' → model_preset), or None with --no-crf."""
+    from .crf import crf_params
+
     if opts.get("no_crf"):
         return None
-    params = PRESETS[opts["crf_preset"]].with_overrides(
-        iterations=opts.get("crf_iterations"), bi_w=opts.get("bi_w"), bi_xy=opts.get("bi_xy"),
-        bi_rgb=opts.get("bi_rgb"), pos_w=opts.get("pos_w"), pos_xy=opts.get("pos_xy"),
-    )
     try:
-        return params.validate()
+        return crf_params(opts.get("crf_preset", AUTO_PRESET), model_preset, **crf_overrides(opts))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -182,12 +186,14 @@ def segmenter_from(opts: dict[str, Any], log: bool = True, in_pool: bool = False
     names = load_class_names(opts.get("classes_file"), weights.num_classes) if opts.get("classes_file") else None
     device = select_device(opts.get("device", "auto"))
     seg = Segmenter.from_weights(
-        weights, device=device, precision=opts.get("precision"), pad_to=opts.get("pad_to"), crf=crf_params_from(opts),
+        weights, device=device, precision=opts.get("precision"), pad_to=opts.get("pad_to"),
+        crf=crf_params_from(opts, weights.crf_preset),
         crf_backend=resolve_backend(opts.get("crf_backend", "auto"), str(device), in_pool), class_names=names,
         max_side=opts.get("max_side", DEFAULT_MAX_SIDE),
     )
     if log:
-        crf = f"CRF {seg.crf_backend}" if seg.crf else "no CRF"
+        preset = weights.crf_preset if opts.get("crf_preset", AUTO_PRESET) == AUTO_PRESET else opts["crf_preset"]
+        crf = f"CRF {seg.crf_backend} ({preset} preset)" if seg.crf else "no CRF"
         side = f"max side {seg.max_side}" if seg.max_side else "full resolution"
         click.echo(f"deeplab: {weights.path} ({weights.arch}, {weights.num_classes} classes) on {seg.device} "
                    f"{seg.precision}, {crf}, {side}", err=True)
@@ -218,17 +224,15 @@ def segment(image: str, output: str, overlay: str | None, save_probs: str | None
             net_threads: int | None, **opts: Any) -> None:
     """Segment one IMAGE ('-' for stdin) into a VOC-coloured palette PNG mask, or every frame of a VIDEO.
 
-    Videos (.mp4 .mov .avi .mkv .webm …) stream through `deeplab batch`'s pipeline (its options apply), frames
-    at --max-side like photos; audio is not carried. A rerun into a mask folder resumes at the first missing
-    frame; Ctrl-C finishes the frames in flight and leaves a playable overlay video (exit code 130).
+    Videos (.mp4 .mov .avi .mkv .webm …) stream through `deeplab batch`'s pipeline (its options apply), frames at
+    --max-side like photos; audio is not carried. A rerun into a mask folder resumes at the first missing frame;
+    Ctrl-C finishes the frames in flight and leaves a playable overlay video (exit code 130).
     """
     from .video import FrameSelection, is_video_path
 
     if is_video_path(image) and image != "-":
-        if save_probs:
-            raise UsageError("--save-probs is for images; for a video use -o DIR (masks) or -o OUT.mkv (labels)")
-        _segment_video(image, output, overlay, overwrite, FrameSelection.parse(start, end, every), legend, opts,
-                       batch_size=batch_size, crf_workers=crf_workers, net_threads=net_threads)
+        _segment_video(image, output, overlay, save_probs, overwrite, FrameSelection.parse(start, end, every),
+                       legend, opts, batch_size=batch_size, crf_workers=crf_workers, net_threads=net_threads)
         return
     from .io import overlay_image, read_photo, same_file, write_image, write_mask, write_probs
 
@@ -256,22 +260,19 @@ def segment(image: str, output: str, overlay: str | None, save_probs: str | None
     write_mask(output, result.labels)
 
 
-def _segment_video(source: str, output: str, overlay: str | None, overwrite: bool, selection: Any, legend: bool,
-                   opts: dict[str, Any], **pipeline: Any) -> None:
+def _segment_video(source: str, output: str, overlay: str | None, save_probs: str | None, overwrite: bool,
+                   selection: Any, legend: bool, opts: dict[str, Any], **pipeline: Any) -> None:
     from .batch import exit_on_next_interrupt
     from .batch.videos import plan_video
     from .console import segment_video_with_progress, stderr_console
 
-    job, info = plan_video(source, output, overlay, legend, selection)  # before loading the model: fail fast
+    job, info = plan_video(source, output, overlay, save_probs, legend, selection)  # before the model: fail fast
     try:
         result = segment_video_with_progress(lambda: segmenter_from(opts, in_pool=True), job, stderr_console(),
                                              overwrite=overwrite, info=info, **pipeline)
     finally:
         exit_on_next_interrupt(130)
-    if result.interrupted:
-        sys.exit(130)
-    if not result.ok:
-        sys.exit(1)
+    sys.exit(130 if result.interrupted else 0 if result.ok else 1)
 
 
 @main.command()
@@ -301,10 +302,10 @@ def batch(inputs: tuple[str, ...], output: str | None, from_list: str | None, re
           **opts: Any) -> None:
     """Segment every image and video in folders, globs or a list into masks mirroring the tree under -o.
 
-    A video NAME.mp4 gives the folder NAME/ of frame masks (000123.png; --every/--start/--end pick frames) and,
-    with --overlay, NAME.overlay.mp4; audio is not carried. Resumable: outputs already complete are skipped, a
-    video resumes at its first missing frame. Exit code 0 when all succeeded, 1 when any image or video failed
-    (listed in the summary and --report), 130 when interrupted (Ctrl-C finishes the images in flight).
+    A video NAME.mp4 gives NAME/ of frame masks (000123.png; --every/--start/--end pick them), with --overlay
+    NAME.overlay.mp4; audio is not carried. Resumable: complete outputs are skipped, a video resumes at its first
+    missing frame. Exit code 0 when all succeeded, 1 when any image or video failed (listed in the summary and
+    --report), 130 when interrupted (Ctrl-C finishes the images in flight).
     """
     from .batch import (
         check_output_dir, default_output_dir, discover_inputs, exit_on_next_interrupt, plan_jobs, segment_tree,
@@ -571,11 +572,11 @@ def benchmark(fps: bool, compare: bool, size: str, batch_size: int, iters: int, 
     from .benchmark_video import run_video_benchmark
     from .console import render_benchmark, render_video_benchmark, say, stderr_console
 
-    crf = crf_params_from({**opts, "no_crf": False})  # --compare times the CRF even with --no-crf
-    options = BenchmarkOptions(
+    options = BenchmarkOptions(  # --compare times the CRF even with --no-crf
         size=parse_size(size), batch_size=batch_size, iters=iters, warmup=warmup, device=opts["device"],
         precision=opts["precision"], channels_last=channels_last, arch=opts["arch"], weights=opts["weights"],
-        classes_file=opts["classes_file"], pad_to=opts["pad_to"], images=images_dir, max_side=opts["max_side"], crf=crf,
+        classes_file=opts["classes_file"], pad_to=opts["pad_to"], images=images_dir, max_side=opts["max_side"],
+        crf_preset=opts["crf_preset"], crf_overrides=crf_overrides(opts),
         use_crf=not opts["no_crf"], crf_backend=opts["crf_backend"], fps=fps or not compare, variants=variants,
         compare=compare,
     )

@@ -315,16 +315,19 @@ def _read_mask(path: Path) -> np.ndarray | None:
         return None
 
 
-def plan_video(source: str | Path, output: str, overlay: str | None = None, legend: bool = True,
-               selection: FrameSelection = FrameSelection()) -> tuple[VideoJob, VideoInfo]:
+def plan_video(source: str | Path, output: str, overlay: str | None = None, save_probs: str | None = None,
+               legend: bool = True, selection: FrameSelection = FrameSelection()) -> tuple[VideoJob, VideoInfo]:
     """`deeplab segment VIDEO -o OUT [--overlay OV]` → the job and the probed video (before any model is loaded).
 
     -o / --overlay with a video extension name a file, else a folder. UsageError for '-', an image extension
-    (a video gives one mask per frame), a lossy label video, an output that is the input, or a selection that
-    picks no frame; DeeplabError for a video that cannot be opened.
+    (a video gives one mask per frame), a lossy label video, an output that is the input, --save-probs, or a
+    selection that picks no frame; DeeplabError for a video that cannot be opened.
     """
     from ..io import STDIO, is_image_path
     from ..video import check_label_video_size, check_video_output
+
+    if save_probs:
+        raise UsageError("--save-probs is for images; for a video use -o DIR (masks) or -o OUT.mkv (labels)")
 
     def target(text: str, what: str, labels: bool) -> Path:
         if text == STDIO:
