@@ -230,3 +230,15 @@ def test_a_mask_folder_holds_one_video(tmp_path: Path, clips, photo: np.ndarray,
     assert res.exit_code == 0, res.output
     assert json.loads((out / "video.json").read_text())["frame_count"] == FRAMES + 3
     assert "2 of 2 frames segmented" in res.stderr
+
+
+def test_video_outputs_stay_in_frame_order_with_a_tiny_reorder_window(tmp_path: Path, clips, weights_file: Path) -> None:
+    # Two CRF workers finish frames out of order; a window of one frame makes the feed wait for each write.
+    seg = Segmenter.from_weights(weights_file, device="cpu", crf_backend="pydensecrf")
+    out, labels = tmp_path / "masks", tmp_path / "labels.mkv"
+    job = VideoJob(clips[".mp4"], VideoOutputs(masks=out, labels=labels, overlay=tmp_path / "overlay.mp4"))
+    result = segment_video(seg, job, handle_sigint=False, crf_workers=2, window=1)
+    assert (result.status, result.done) == ("done", FRAMES)
+    back = list(read_label_video(labels))
+    assert len(back) == FRAMES and all(np.array_equal(b, np.array(Image.open(out / f"{i}.png"))) for i, b in enumerate(back))
+    assert probe_video(tmp_path / "overlay.mp4").frame_count == FRAMES

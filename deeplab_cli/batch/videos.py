@@ -9,8 +9,8 @@ Frames are decoded on video.FrameReader's thread and handed to batch.run_batch a
 picture, so they take exactly the path of photos: network batches on the device, the CRF in the worker
 pool, masks (NNN.png) written atomically by the engine's writer threads. Overlay frames (NNN.jpg) and
 videos are written by the run as results arrive (`FrameSink`); label and overlay *videos* need frames in
-order: results arriving in completion order wait in a reorder buffer (at most `window` frames ahead; the
-frame feed waits beyond that, so memory stays flat) and are appended by one writer. Audio is not carried.
+order: results arriving in completion order wait in a reorder buffer (at most `window` frames ahead, at most
+REORDER_BYTES; the frame feed waits beyond that, so memory stays flat) and are appended by one writer. Audio is not carried.
 
 A mask folder holds one video's masks: `video.json` in it records the source, its frame count, rate and
 size, and another video (another count, rate or size) is refused there unless overwrite is given.
@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 FOLDER_RECORD = "video.json"  # in a mask folder: which video the masks are of
 SAME_VIDEO_KEYS = ("frame_count", "fps", "width", "height")  # what must match for a folder to be resumed
 FAILED_LABEL = 255  # a frame whose segmentation failed is void (VOC's ignore label) in a label video
+REORDER_BYTES = 1 << 30  # frames (picture + labels) the reorder buffer may hold in the worst case
 MAX_FRAME_ERRORS = 5  # per-frame failures kept in a result (the count covers all)
 
 
@@ -192,15 +193,16 @@ def segment_video(
     overwrite: bool = False,
     info: VideoInfo | None = None,
     progress: Callable[[VideoResult], None] | None = None,
-    window: int = 64,
+    window: int | None = None,
     **options: Any,
 ) -> VideoResult:
     """Segment the selected frames of a video into job.outputs through batch.run_batch (options: its options).
 
     segmenter may be a callable building it, so a video with nothing left to do never loads the model.
     overwrite: redo frames whose masks exist (default: resume). progress(result) is called once the frames
-    are counted and after every frame. Failures (unreadable file, truncated stream, failed frames) are in the
-    result, never raised; a selection that cannot be resolved (times without a frame rate) raises UsageError.
+    are counted and after every frame. window: frames the reorder buffer of video outputs may run ahead
+    (default: REORDER_BYTES worth, 8 to 64). Failures (unreadable file, truncated stream, failed frames) are in
+    the result, never raised; a selection that cannot be resolved (times without a frame rate) raises UsageError.
     """
     t0 = time.perf_counter()
     result = VideoResult(job)
@@ -228,6 +230,7 @@ def segment_video(
     remove_stale_parts([p for p in (outputs.masks, outputs.overlay_frames) if p is not None]
                        + [p.parent for p in (outputs.labels, outputs.overlay_video) if p is not None])
     sink = FrameSink(outputs, info.fps / frames.step if info.fps > 0 else 0.0, digits)
+    window = window or max(8, min(64, REORDER_BYTES // (4 * info.width * info.height)))  # RGB + labels
     if not sink.ordered:
         resume_at = first_missing(frames, done, info.frame_count)
         if resume_at is None:  # only when the selection's end is known
