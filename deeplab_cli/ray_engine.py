@@ -1,0 +1,291 @@
+"""`deeplab batch --engine ray`: the same jobs, results and outputs as the local engine, run on Ray Data.
+
+    with ray_session() as session:                        # $RAY_ADDRESS, else a private local Ray, shut down after
+        run = RayRun(jobs, weights, device="auto", crf=CRFParams())
+        for result in run:                                # ImageResult, in completion order
+            print(result.job.path, result.status, result.error, result.timings)
+
+Pipeline (ray_stages.py): the driver turns the planned jobs into small rows (`ray.data.from_items`: paths
+only) → decode on CPU tasks → the network on an actor pool (one actor per GPU, `num_gpus=1`; one actor on
+a CPU-only cluster), fc8 scores out → upsampling + softmax + CRF + atomic writes on CPU tasks (torch-free),
+only small report columns back to the driver. The stages stay separate operators (decode never runs inside
+the model's process: their Ray options differ, so Ray Data does not fuse them). Ray's own progress bars
+and logs are off; the caller shows its own.
+
+Faults: a task whose worker dies is retried, a dead actor restarted (Ray); a poison image is failed after
+`max_crashes` crashes of its own (ray_stages.AttemptLedger); a block Ray gives up on is dropped
+(`max_errored_blocks` unlimited) and each of its images reported failed with the reason 'lost'. An
+interrupt (Ctrl-C) stops at once: the work in flight is dropped (outputs are written whole or not at all),
+and the rerun resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .batch import ImageResult, Job
+from .crf import CRFParams, resolve_backend
+from .errors import DeeplabError, UsageError
+from .ray_stages import NetworkStage, AttemptLedger, crf_and_write, decode_rows, refine_pydensecrf, refine_torch_cpu
+
+LOST = "lost (its work was dropped by Ray after repeated failures of its worker or node)"
+DECODE_MEMORY_PER_IMAGE = 64 << 20  # bytes reserved per image of a decode task (a 12 MP photo decodes to 36 MB)
+_QUIET_LOGGERS = ("ray", "ray.data", "ray._private", "ray.util")
+
+
+@dataclass
+class RayOptions:
+    """How the run uses the cluster. None = the default described per field."""
+
+    address: str | None = None  # a running cluster ('auto', 'ray://…'); default $RAY_ADDRESS, else a private local Ray
+    num_cpus: int | None = None  # CPUs of a private local Ray [all cores]
+    batch_size: int | None = None  # images per network call [1 on CPU, 8 on CUDA]
+    crf_workers: int | None = None  # concurrent CRF tasks [as many as free CPUs]
+    net_threads: int | None = None  # torch threads per network actor [the node's core count]
+    network_actors: int | None = None  # network actors [one per GPU; 1 without GPUs]
+    rows_per_block: int = 8  # images per decode task (and per retry after a crash)
+    max_crashes: int = 2  # worker crashes an image may cause on its own before it is reported failed
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[Any]:
+    """Connect to Ray for the block: an already initialised Ray is used as it is; else `address` or $RAY_ADDRESS;
+    else a private local Ray (address='local', no dashboard), shut down at the end."""
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--engine ray needs Ray: pip install 'deeplab-cli[ray]' (on every node)") from None
+    if ray.is_initialized():
+        yield ray
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    quiet = dict(log_to_driver=False, logging_level=logging.ERROR)
+    try:
+        if address:
+            ray.init(address=address, **quiet)
+        else:
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **quiet)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise DeeplabError(f"cannot start or reach {where}: {' '.join(str(exc).split())}") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def network_device(spec: str, gpus: float) -> str:
+    """Where the network actors run: 'cuda' when the cluster has GPUs (for 'auto') or when asked, else 'cpu'."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return "cuda" if gpus >= 1 else "cpu"
+    if spec == "cpu":
+        return "cpu"
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if gpus < 1:
+            raise UsageError(f"device {spec!r} asked for, but the Ray cluster has no GPUs")
+        return "cuda"  # each actor sees its own GPU as cuda:0
+    raise UsageError(f"unknown device {spec!r}; use auto, cpu or cuda")
+
+
+class RayRun:
+    """An iterable run of jobs on the current Ray cluster (see the module docstring); iterate once for ImageResults.
+
+    weights: the model (weights.Weights), shipped once through the object store. device: auto, cpu, cuda.
+    crf: None skips the CRF. refine: the CRF function of the CPU tasks (default: from crf_backend).
+    """
+
+    def __init__(
+        self,
+        jobs: Sequence[Job],
+        weights: Any,
+        device: str = "auto",
+        precision: str | None = None,
+        pad_to: int | None = None,
+        crf: CRFParams | None = CRFParams(),
+        crf_backend: str = "auto",
+        channels_last: bool = True,
+        options: RayOptions | None = None,
+        refine: Callable[[np.ndarray, np.ndarray, CRFParams], np.ndarray] | None = None,
+    ) -> None:
+        self.jobs = list(jobs)
+        self.weights = weights
+        self.device, self.precision, self.pad_to = device, precision, pad_to
+        self.crf = crf.validate() if crf is not None else None
+        backend = resolve_backend(crf_backend, "cpu", in_pool=True)
+        self.refine = refine or (refine_pydensecrf if backend == "pydensecrf" else refine_torch_cpu)
+        self.channels_last = channels_last
+        self.options = options or RayOptions()
+        self.interrupted = False
+        self.wall = 0.0  # seconds from the start of the iteration to its end
+        self.startup = 0.0  # seconds from the start of the iteration to the first result
+        self.placement: Counter[tuple[str, str]] = Counter()  # (stage, node id) → images
+        self.description = ""
+        self._started = False
+        self._weights_ref: list[Any] = []
+
+    def stop(self) -> None:
+        """Mark the run interrupted; the iteration ends at the next result."""
+        self.interrupted = True
+
+    def close(self) -> None:
+        """Nothing to release beyond what the iteration releases itself (BatchRun's interface)."""
+
+    def __iter__(self) -> Iterator[ImageResult]:
+        if self._started:
+            raise RuntimeError("a RayRun can be iterated only once")
+        self._started = True
+        return self._generate()
+
+    # -- the driver
+
+    def _rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for index, job in enumerate(self.jobs):
+            out = job.outputs
+            if out is None:
+                raise ValueError("the Ray engine writes outputs: every job needs OutputPaths")
+            rows.append({"index": index, "path": str(job.path), "mask": str(out.mask),
+                         "overlay": str(out.overlay or ""), "probs": str(out.probs or "")})
+        return rows
+
+    def build_dataset(self, ray: Any, ledger: Any = None) -> Any:
+        """The lazy Ray Data pipeline the iteration executes (ledger: an AttemptLedger actor, None: no bookkeeping)."""
+        import ray.data
+        from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+        from .model import get_arch
+        from .pipeline import PRECISIONS, default_precision
+        from .transforms import padded_size
+
+        opts = self.options
+        resources = ray.cluster_resources()
+        gpus = resources.get("GPU", 0)
+        device = network_device(self.device, gpus)
+        precision = self.precision or default_precision(_torch_device(device))
+        if precision not in PRECISIONS or (precision == "fp16" and device == "cpu"):
+            raise UsageError(f"precision {precision} is not offered on {device}; use fp32 or bf16 on the CPU")
+        arch = get_arch(self.weights.arch)
+        try:
+            padded_size(1, 1, arch, self.pad_to)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        batch_size = opts.batch_size or (8 if device == "cuda" else 1)
+        actors = opts.network_actors or (int(gpus) if device == "cuda" else 1)
+        per_block = max(1, opts.rows_per_block)
+        guard = dict(ledger=ledger, max_crashes=opts.max_crashes)
+        self.description = (f"Ray: {len(ray.nodes())} node(s), {resources.get('CPU', 0):g} CPUs, {gpus:g} GPUs; "
+                            f"{actors} network actor(s) on {device} {precision}, batch {batch_size}; "
+                            f"CRF {'off' if self.crf is None else self.refine.__name__.removeprefix('refine_')} in CPU tasks")
+
+        self._weights_ref = [ray.put(self.weights)]  # held by the run: a restarted actor reads it again
+        rows = self._rows()
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / per_block)))
+        # Decode tasks reserve memory for their block of images, which also keeps Ray Data from fusing them
+        # into the network actors (it fuses a task stage into an actor stage whose resources are the same;
+        # decoding would then run one image at a time inside the model's process).
+        ds = ds.map_batches(decode_rows, batch_size=None, batch_format="numpy", num_cpus=1,
+                            memory=per_block * DECODE_MEMORY_PER_IMAGE, fn_kwargs=guard)
+        ds = ds.map_batches(
+            NetworkStage, batch_size=batch_size, batch_format="numpy",
+            compute=ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
+            num_gpus=1 if device == "cuda" else 0, num_cpus=1,
+            fn_constructor_kwargs=dict(weights=self._weights_ref, device=device, precision=precision, pad_to=self.pad_to,
+                                       channels_last=self.channels_last, threads=opts.net_threads, **guard),
+        )
+        return ds.map_batches(
+            crf_and_write, batch_size=None, batch_format="numpy", num_cpus=1,
+            compute=TaskPoolStrategy(size=opts.crf_workers) if opts.crf_workers else None,
+            fn_kwargs=dict(params=self.crf, stride=arch.output_stride, offset=arch.crop_offset, refine=self.refine,
+                           **guard),
+        )
+
+    def _generate(self) -> Iterator[ImageResult]:
+        import ray
+        from ray.data import DataContext
+
+        t0 = time.perf_counter()
+        if not ray.is_initialized():
+            raise RuntimeError("RayRun needs a connected Ray: use it inside ray_session()")
+        context = DataContext.get_current()
+        saved = {k: getattr(context, k) for k in ("enable_progress_bars", "max_errored_blocks", "enable_auto_log_stats")}
+        levels = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
+        context.enable_progress_bars, context.max_errored_blocks, context.enable_auto_log_stats = False, -1, False
+        for name in _QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        ledger = ray.remote(num_cpus=0)(AttemptLedger).remote()
+        seen: set[int] = set()
+        try:
+            dataset = self.build_dataset(ray, ledger)
+            try:
+                for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                    for result in self._results(batch):
+                        if not self.startup:
+                            self.startup = time.perf_counter() - t0
+                        seen.add(result.job_index)
+                        yield result.result
+                    if self.interrupted:
+                        return
+            except KeyboardInterrupt:
+                self.interrupted = True
+                return
+            except (ray.exceptions.RayError, RuntimeError) as exc:
+                raise DeeplabError(f"the Ray run failed: {_first_line(exc)}") from None
+            for index, job in enumerate(self.jobs):
+                if index not in seen:
+                    yield ImageResult(job, "failed", LOST)
+        finally:
+            self.wall = time.perf_counter() - t0
+            for key, value in saved.items():
+                setattr(context, key, value)
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+            with contextlib.suppress(Exception):
+                ray.kill(ledger)
+
+    def _results(self, batch: dict[str, np.ndarray]) -> Iterator[_Indexed]:
+        stages = ("decode", "network", "upsample", "crf", "write") if self.crf is not None else (
+            "decode", "network", "upsample", "write")
+        for k in range(len(batch["index"])):
+            index = int(batch["index"][k])
+            status = str(batch["status"][k])
+            height, width = int(batch["height"][k]), int(batch["width"][k])
+            timings = {stage: float(batch[f"t_{stage}"][k]) for stage in stages} if status == "ok" else {}
+            for stage in ("decode", "network", "crf"):
+                node = str(batch[f"{stage}_node"][k]) if f"{stage}_node" in batch else ""
+                if node:
+                    self.placement[(stage, node)] += 1
+            result = ImageResult(self.jobs[index], "done" if status == "ok" else "failed",
+                                 None if status == "ok" else str(batch["error"][k]),
+                                 shape=(height, width) if height else None, timings=timings)
+            yield _Indexed(index, result)
+
+
+@dataclass
+class _Indexed:
+    job_index: int
+    result: ImageResult
+
+
+def _torch_device(kind: str) -> Any:
+    import torch
+
+    return torch.device(kind)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("Traceback"):
+            return " ".join(line.split())
+    return type(exc).__name__
