@@ -293,6 +293,20 @@ def check_output_dir(output_dir: str | os.PathLike, sources: Sequence[str | os.P
                              f"as inputs next time); choose another folder, e.g. {out / 'masks'}")
 
 
+def default_output_dir(sources: Sequence[str | os.PathLike], from_list: str | None = None) -> Path:
+    """The output folder of `deeplab batch FOLDER` without -o: FOLDER_masks beside FOLDER, never inside it.
+
+    Only a single input folder has one; several inputs, globs, images or a list raise a UsageError.
+    """
+    if len(sources) != 1 or from_list is not None or not Path(sources[0]).is_dir():
+        raise UsageError("-o DIR is required with several inputs, a glob, an image or --from-list "
+                         "(only a single input folder gets a default: FOLDER_masks beside it)")
+    folder = Path(sources[0]).resolve()
+    if folder.parent == folder:
+        raise UsageError(f"{sources[0]}: is the file system's root; give -o DIR")
+    return folder.parent / f"{folder.name}_masks"
+
+
 def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     try:
         return Path(a).resolve() == Path(b).resolve()

@@ -17,6 +17,7 @@ from . import __version__
 from .errors import DeeplabError, UsageError
 
 CRF_PRESET_NAMES = ("largefov", "msc-largefov", "deeplab", "msc")  # keys of crf.PRESETS (kept light here)
+DEFAULT_MAX_SIDE = 513  # resolution.DEFAULT_MAX_SIDE (kept light here)
 
 
 def stderr_console():
@@ -78,9 +79,34 @@ def _stack(*decorators: Callable) -> Callable:
     return apply
 
 
+class MaxSide(click.ParamType):
+    """--max-side: a positive number of pixels, or 'none' for full resolution."""
+
+    name = "N|none"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).strip().lower() in ("none", "full"):
+            return None
+        try:
+            number = int(value)
+        except ValueError:
+            number = 0
+        if number < 1:
+            self.fail(f"{value!r} is neither a positive number of pixels nor 'none'", param, ctx)
+        return number
+
+
 model_options = _stack(
     click.option("--weights", "weights", metavar="PATH", help="Weights file (.safetensors or PyTorch state dict). "
-                 "Default: $DEEPLAB_WEIGHTS, then the cached default model."),
+                 "Default: $DEEPLAB_WEIGHTS, then the cached default model, downloaded on first use."),
+    click.option("--offline", is_flag=True, envvar="DEEPLAB_OFFLINE",
+                 help="Never touch the network: fail instead of downloading the default model ($DEEPLAB_OFFLINE=1)."),
+    click.option("--max-side", type=MaxSide(), default="513", show_default=True,
+                 help="Working resolution: photos whose longer side exceeds N pixels run downscaled to N (the "
+                      "paper's scale, network and CRF alike); masks and overlays stay at full size. "
+                      "'none' = full resolution (refused up front when it would not fit in memory)."),
     click.option("--arch", type=click.Choice(["largefov", "deeplab"]), default=None,
                  help="Architecture (default: the weights file's metadata, else largefov)."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
@@ -91,6 +117,9 @@ model_options = _stack(
     click.option("--classes", "classes_file", type=click.Path(dir_okay=False), default=None,
                  help="Text file of class names, one per line (default: the 21 VOC classes)."),
 )
+
+legend_option = click.option("--legend/--no-legend", default=True, show_default=True,
+                             help="Draw the classes present (colour swatch + name) on overlays.")
 
 crf_options = _stack(
     click.option("--no-crf", is_flag=True, help="Skip the CRF (argmax of the network's probabilities)."),
@@ -142,19 +171,23 @@ def segmenter_from(opts: dict[str, Any], log: bool = True, in_pool: bool = False
     from .crf import resolve_backend
     from .palette import load_class_names
     from .pipeline import Segmenter, select_device
-    from .weights import load_weights, resolve_weights
+    from .download import resolve_or_fetch
+    from .weights import load_weights
 
-    weights = load_weights(resolve_weights(opts.get("weights")), arch=opts.get("arch"))
+    weights = load_weights(resolve_or_fetch(opts.get("weights"), offline=opts.get("offline", False)),
+                           arch=opts.get("arch"))
     names = load_class_names(opts.get("classes_file"), weights.num_classes) if opts.get("classes_file") else None
     device = select_device(opts.get("device", "auto"))
     seg = Segmenter.from_weights(
         weights, device=device, precision=opts.get("precision"), pad_to=opts.get("pad_to"), crf=crf_params_from(opts),
         crf_backend=resolve_backend(opts.get("crf_backend", "auto"), str(device), in_pool), class_names=names,
+        max_side=opts.get("max_side", DEFAULT_MAX_SIDE),
     )
     if log:
         crf = f"CRF {seg.crf_backend}" if seg.crf else "no CRF"
+        side = f"max side {seg.max_side}" if seg.max_side else "full resolution"
         click.echo(f"deeplab: {weights.path} ({weights.arch}, {weights.num_classes} classes) on {seg.device} "
-                   f"{seg.precision}, {crf}", err=True)
+                   f"{seg.precision}, {crf}, {side}", err=True)
     return seg
 
 
@@ -174,30 +207,44 @@ def _same_file(a: str, b: str) -> bool:
 @click.option("-o", "--output", required=True, metavar="OUT.png", help="Palette PNG mask ('-' for stdout).")
 @click.option("--overlay", metavar="PATH", default=None, help="Also write the image blended with the colour mask.")
 @click.option("--save-probs", metavar="PATH.npy", default=None,
-              help="Also save (C, H, W) float32 softmax probabilities before the CRF.")
+              help="Also save (C, h, w) float32 softmax probabilities before the CRF, at the working resolution "
+                   "(the photo's size up to --max-side; the array's shape gives it).")
+@legend_option
 @model_options
 @crf_options
-def segment(image: str, output: str, overlay: str | None, save_probs: str | None, **opts: Any) -> None:
+def segment(image: str, output: str, overlay: str | None, save_probs: str | None, legend: bool, **opts: Any) -> None:
     """Segment one IMAGE ('-' for stdin) into a VOC-coloured palette PNG mask."""
-    from .io import overlay_image, read_image, write_image, write_mask, write_probs
+    from .io import overlay_image, read_photo, write_image, write_mask, write_probs
 
     for out in (output, overlay, save_probs):
         if out and _same_file(image, out):
             raise UsageError(f"{out}: refusing to overwrite the input image")
     if image != "-" and not Path(image).exists():
         raise UsageError(f"{image}: no such file")
-    rgb = read_image(image)  # decode before loading the model: a bad image fails fast
-    result = segmenter_from(opts).segment(rgb)
+    # Decode before loading the model: a bad image fails fast. The overlay needs every pixel; the mask
+    # alone only the working resolution, so a large JPEG is decoded at a reduced scale.
+    rgb, size = read_photo(image, None if overlay else opts.get("max_side"))
+    seg = segmenter_from(opts)
+    try:
+        result = seg.segment(rgb, size)
+    except DeeplabError as exc:
+        raise type(exc)(f"{'<stdin>' if image == '-' else image}: {exc}") from None
     if save_probs:
         write_probs(save_probs, result.probs)
+        if result.probs.shape[1:] != size:
+            h, w = result.probs.shape[1:]
+            click.echo(f"deeplab: {save_probs}: probabilities at the working resolution {w}×{h} "
+                       f"(the photo is {size[1]}×{size[0]})", err=True)
     if overlay:
-        write_image(overlay, overlay_image(rgb, result.labels))
+        write_image(overlay, overlay_image(rgb, result.labels, seg.class_names if legend else None))
     write_mask(output, result.labels)
 
 
 @main.command()
 @click.argument("inputs", nargs=-1, metavar="[FOLDER|GLOB|IMAGE]...")
-@click.option("-o", "--output", required=True, metavar="DIR", help="Output folder; the input tree is mirrored in it.")
+@click.option("-o", "--output", default=None, metavar="DIR",
+              help="Output folder; the input tree is mirrored in it. Default for a single input FOLDER: FOLDER_masks "
+                   "beside it (required with several inputs, globs, images or --from-list).")
 @click.option("--from-list", metavar="FILE|-", default=None,
               help="Also read input paths from FILE ('-' for stdin), one per line or NUL-separated.")
 @click.option("--recursive/--no-recursive", default=True, show_default=True, help="Walk input folders recursively.")
@@ -210,7 +257,7 @@ def segment(image: str, output: str, overlay: str | None, save_probs: str | None
 @model_options
 @crf_options
 @pipeline_options
-def batch(inputs: tuple[str, ...], output: str, from_list: str | None, recursive: bool, overwrite: bool, overlay: bool,
+def batch(inputs: tuple[str, ...], output: str | None, from_list: str | None, recursive: bool, overwrite: bool, overlay: bool,
           save_probs: bool, report: str | None, batch_size: int | None, crf_workers: int | None,
           net_threads: int | None, no_progress: bool, **opts: Any) -> None:
     """Segment every image in folders, globs or a list into masks mirroring the tree under -o.
@@ -219,16 +266,21 @@ def batch(inputs: tuple[str, ...], output: str, from_list: str | None, recursive
     failed (listed in the summary and --report), 130 when interrupted (Ctrl-C finishes the images in flight).
     """
     from .batch import (
-        check_output_dir, discover_inputs, exit_on_next_interrupt, plan_jobs, print_summary, segment_tree,
+        check_output_dir, default_output_dir, discover_inputs, exit_on_next_interrupt, plan_jobs, print_summary,
+        segment_tree,
     )
 
     if not inputs and from_list is None:
         raise UsageError("give input folders, globs or images, or --from-list FILE")
     console = stderr_console()
-    check_output_dir(output, inputs)
 
     def warn(message: str) -> None:
         console.print(f"deeplab: {message}", markup=False, highlight=False, soft_wrap=True)
+
+    if output is None:
+        output = str(default_output_dir(inputs, from_list))
+        warn(f"writing to {output} (no -o given)")
+    check_output_dir(output, inputs)
 
     found = discover_inputs(inputs, recursive=recursive, from_list=from_list, exclude=output, warn=warn)
     jobs = plan_jobs(found, output, overlay=overlay, save_probs=save_probs)

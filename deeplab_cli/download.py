@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import sys
 import time
@@ -22,9 +23,13 @@ from pathlib import Path
 
 from . import __version__
 from .errors import DeeplabError, UsageError
-from .weights import DEFAULT_MODEL, cache_dir, cached_model_path, load_manifest, sha256_file
+from .weights import (
+    DEFAULT_MODEL, cache_dir, cached_model_path, find_weights, load_manifest, no_weights_message, resolve_weights,
+    sha256_file,
+)
 
 TRUST_FILE = "trusted-sha256.json"
+MODEL_URL_ENV = "DEEPLAB_MODEL_URL"  # overrides the default model's URL (a mirror, an air-gapped cache)
 CHUNK_BYTES = 1 << 16
 RETRIES = 3  # resumptions after a dropped connection, per URL
 RETRY_DELAY_S = 1.0  # grows linearly with the attempt
@@ -252,6 +257,8 @@ def fetch(
         known = ", ".join(load_manifest())
         raise UsageError(f"unknown model {name!r}; known: {known} (or give --url URL for another file)")
     entry = entry or {}
+    if url is None and name == DEFAULT_MODEL and os.environ.get(MODEL_URL_ENV):
+        url = os.environ[MODEL_URL_ENV]
     urls = [url] if url else [entry["url"], *entry.get("mirrors", [])]
     dest = cached_model_path(name)
     records = read_trust()
@@ -326,6 +333,21 @@ def _store(src: Path, dest: Path, fmt: str, arch: str | None, url: str):
     save_weights(weights.state_dict, dest, weights.arch, weights.metadata)
     weights.path = dest
     return weights
+
+
+def resolve_or_fetch(explicit: str | os.PathLike | None = None, offline: bool = False, quiet: bool = False) -> Path:
+    """The weights file to use (weights.find_weights); on first use, the default model downloaded into the cache.
+
+    The download follows `deeplab weights fetch`'s integrity rules (sha256 pinned, published or trusted on
+    first use, resumed); $DEEPLAB_MODEL_URL replaces its URL. offline: never download, fail in one line.
+    """
+    if find_weights(explicit) is None:
+        if offline:
+            raise UsageError(f"offline: {no_weights_message()} on a machine with network, then copy "
+                             f"{cached_model_path()} here (or pass --weights FILE)")
+        log(f"no weights found: downloading the default model {DEFAULT_MODEL} into {cache_dir()} (once)")
+        fetch(DEFAULT_MODEL, quiet=quiet)
+    return resolve_weights(explicit)
 
 
 def verify_cached_model(name: str) -> None:

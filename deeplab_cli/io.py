@@ -11,14 +11,16 @@ import io
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DeeplabError, UsageError
-from .palette import colorize, palette_bytes
+from .palette import colorize, draw_legend, palette_bytes
+from .resolution import working_size
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm"})
 STDIO = "-"
@@ -26,6 +28,8 @@ STDIO = "-"
 # Photos from cameras exceed PIL's default decompression-bomb limit (89 MP) only rarely; keep the
 # check but allow 300 MP, beyond which the network's memory would not suffice anyway.
 Image.MAX_IMAGE_PIXELS = 300_000_000
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
@@ -88,15 +92,41 @@ def read_bytes(source: str | os.PathLike) -> bytes:
 
 def decode_image(data: bytes, name: str = "<image>") -> np.ndarray:
     """Decode image bytes to (H, W, 3) uint8 RGB as displayed: EXIF rotation applied, alpha dropped, 16-bit scaled."""
+    return decode_photo(data, name)[0]
+
+
+def decode_photo(data: bytes, name: str = "<image>", max_side: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode image bytes for a working resolution: (image (h, w, 3) uint8 RGB, full size (H, W)), both as displayed.
+
+    With max_side, a JPEG much larger than working_size(H, W, max_side) is decoded at a reduced DCT scale
+    (1/2, 1/4 or 1/8, libjpeg's draft mode) that still covers it; the full size comes from the header.
+    Other formats, and everything without max_side, decode at full size (h, w) = (H, W).
+    """
     if not data:
         raise DeeplabError(f"{name}: empty file (0 bytes), not an image")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with warnings.catch_warnings():  # PIL's warning for 1–2× its pixel limit: our own error below says it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        with im:
+            width, height = im.size
+            if width * height > Image.MAX_IMAGE_PIXELS:
+                raise DeeplabError(f"{name}: image too large ({width}×{height} = {width * height / 1e6:.0f} MP; "
+                                   f"the limit is {Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP)")
+            if im.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS:
+                full = (width, height)  # displayed rotated by 90°: (H, W) = stored (W, H)
+            else:
+                full = (height, width)
+            if max_side is not None and im.format in ("JPEG", "MPO"):
+                h, w = working_size(height, width, max_side)
+                if (h, w) != (height, width):
+                    im.draft(None, (w, h))
             im.load()
             im = ImageOps.exif_transpose(im)
-            return _to_rgb8(im)
+            return _to_rgb8(im), full
     except UnidentifiedImageError:
-        return _decode_with_opencv(data, name)
+        image = _decode_with_opencv(data, name)
+        return image, image.shape[:2]
     except Image.DecompressionBombError as exc:
         raise DeeplabError(f"{name}: image too large ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -136,8 +166,13 @@ def _decode_with_opencv(data: bytes, name: str) -> np.ndarray:
 
 def read_image(source: str | os.PathLike) -> np.ndarray:
     """Read an image file (or '-' for stdin) as (H, W, 3) uint8 RGB."""
+    return read_photo(source)[0]
+
+
+def read_photo(source: str | os.PathLike, max_side: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Read an image file (or '-') for a working resolution: see decode_photo."""
     name = "<stdin>" if str(source) == STDIO else str(source)
-    return decode_image(read_bytes(source), name)
+    return decode_photo(read_bytes(source), name, max_side)
 
 
 def encode_mask_png(labels: np.ndarray) -> bytes:
@@ -158,13 +193,24 @@ def write_mask(path: str | os.PathLike, labels: np.ndarray) -> None:
     write_bytes(path, encode_mask_png(labels))
 
 
-def overlay_image(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend the colour mask into the image where a class other than background was found: (H, W, 3) uint8."""
-    color = colorize(labels).astype(np.float32)
-    out = image.astype(np.float32)
-    fg = (labels != 0)[..., None]
-    out = np.where(fg, (1.0 - alpha) * out + alpha * color, out)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+def overlay_image(image: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | None = None,
+                  alpha: float = 0.5, tile_pixels: int = 1 << 22) -> np.ndarray:
+    """Blend the colour mask into the image where a class other than background was found: (H, W, 3) uint8.
+
+    Computed in row tiles, so a 48 MP overlay needs no float copy of the whole image. With class_names,
+    a legend of the classes present but background (colour swatch + name) is drawn in the top-left corner.
+    """
+    out = np.empty_like(image)
+    rows = max(1, tile_pixels // max(image.shape[1], 1))
+    for top in range(0, image.shape[0], rows):
+        part, lab = image[top:top + rows].astype(np.float32), labels[top:top + rows]
+        blended = (1.0 - alpha) * part + alpha * colorize(lab).astype(np.float32)
+        part = np.where((lab != 0)[..., None], blended, part)
+        out[top:top + rows] = np.clip(np.rint(part), 0, 255).astype(np.uint8)
+    if class_names is not None:
+        present = np.flatnonzero(np.bincount(labels.ravel(), minlength=1))[1:] if labels.any() else []
+        out = draw_legend(out, [(int(c), class_names[c] if c < len(class_names) else f"class_{c}") for c in present])
+    return out
 
 
 def encode_image(image: np.ndarray, name: str | os.PathLike = ".png") -> bytes:

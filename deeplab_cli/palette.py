@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -61,3 +62,34 @@ def load_class_names(path: str | os.PathLike | None, num_classes: int | None = N
     if num_classes is not None and len(names) != num_classes:
         raise DeeplabError(f"{path}: {len(names)} class names but the model has {num_classes} classes")
     return names
+
+
+def draw_legend(image: np.ndarray, entries: Sequence[tuple[int, str]]) -> np.ndarray:
+    """Draw (class index, name) entries as colour swatches with names on a dark box, top-left: (H, W, 3) uint8.
+
+    Sizes follow the image's shorter side, so the legend reads the same on a VOC photo and a 48 MP one.
+    """
+    if not entries:
+        return image
+    from PIL import Image, ImageDraw, ImageFont
+
+    height, width = image.shape[:2]
+    size = max(9, min(height, width) // 32)  # font size in pixels
+    try:
+        font = ImageFont.load_default(size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+    pad, line = max(2, size // 3), size + max(2, size // 3)
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas)
+    text_w = max(draw.textlength(name, font=font) for _, name in entries)
+    box_w = min(width, int(pad * 3 + size + text_w))
+    box_h = min(height, pad * 2 + line * len(entries))
+    region = image[:box_h, :box_w].astype(np.float32) * 0.35  # darken what lies behind the legend
+    canvas.paste(Image.fromarray(region.astype(np.uint8)), (0, 0))
+    cmap = voc_colormap()
+    for i, (index, name) in enumerate(entries):
+        y = pad + i * line
+        draw.rectangle((pad, y, pad + size, y + size), fill=tuple(int(v) for v in cmap[index]), outline=(255, 255, 255))
+        draw.text((pad * 2 + size, y), name, fill=(255, 255, 255), font=font)
+    return np.asarray(canvas).copy()

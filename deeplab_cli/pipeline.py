@@ -2,6 +2,9 @@
 
     seg = Segmenter.from_weights("deeplab_largefov_voc12.safetensors")
     result = seg.segment(read_image("photo.jpg"))   # result.labels: (H, W) uint8
+
+Photos larger than `max_side` (513 by default, the paper's test size) run at a working resolution and
+their labels come back at full size (see resolution.py); smaller ones run exactly as Caffe does.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import numpy as np
 import torch
 
 from .crf import CRFParams, dense_crf, resolve_backend
-from .errors import UsageError
+from .errors import DeeplabError, UsageError
+from .memory import available_bytes, estimate_bytes, format_bytes
 from .model import DeepLab
 from .palette import load_class_names
+from .resolution import DEFAULT_MAX_SIDE, downscale, upsample_labels, working_size
 from .transforms import padded_size, preprocess, scores_to_probs, to_tensor, upsample_scores
 from .weights import Weights, build_model, load_weights, resolve_weights
 
@@ -50,7 +55,8 @@ def default_precision(device: torch.device) -> str:
 
 @dataclass
 class Segmentation:
-    """One image's result: labels (H, W) uint8, probs (C, H, W) float32 before the CRF, crf_probs after it."""
+    """One image's result: labels (H, W) uint8 at full size; probs (C, h, w) float32 before the CRF and
+    crf_probs after it, at the working resolution (h, w) = working_size(H, W, max_side)."""
 
     labels: np.ndarray
     probs: np.ndarray
@@ -75,6 +81,7 @@ class Segmenter:
         crf_backend: str = "auto",
         class_names: Sequence[str] | None = None,
         channels_last: bool = True,
+        max_side: int | None = DEFAULT_MAX_SIDE,
     ) -> None:
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self.precision = precision or default_precision(self.device)
@@ -90,6 +97,9 @@ class Segmenter:
         self.pad_to = pad_to
         if pad_to is not None:
             self.input_size(1, 1)  # validates pad_to against the architecture's alignment
+        if max_side is not None and max_side < 1:
+            raise UsageError(f"max_side must be at least 1 pixel (or None for full resolution), got {max_side}")
+        self.max_side = max_side
         self.crf = crf.validate() if crf is not None else None
         self.crf_backend = resolve_backend(crf_backend, str(self.device))
         self.class_names = list(class_names) if class_names else load_class_names(None, model.num_classes)
@@ -152,16 +162,49 @@ class Segmenter:
             return probs
         return dense_crf(image, probs, self.crf, self.crf_backend, str(self.device))
 
-    def segment(self, image: np.ndarray) -> Segmentation:
-        """The whole pipeline for one image; labels are the argmax after the CRF (or before, without one)."""
+    def working_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) that an image of height × width runs at: itself up to max_side, else downscaled to it."""
+        return working_size(height, width, self.max_side)
+
+    def check_memory(self, height: int, width: int) -> None:
+        """Refuse in one line (DeeplabError) when an image of height × width would not fit in memory."""
+        work = self.working_size(height, width)
+        need = estimate_bytes(self.arch.name, self.num_classes, self.input_size(*work), work, self.crf is not None)
+        have = available_bytes(self.device.type, self.device.index)
+        if need <= have:
+            return
+        lo, hi = 1, max(work)  # the largest --max-side that fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            w = working_size(height, width, mid)
+            fits = estimate_bytes(self.arch.name, self.num_classes, self.input_size(*w), w, self.crf is not None) <= have
+            lo, hi = (mid, hi) if fits else (lo, mid - 1)
+        raise DeeplabError(f"needs about {format_bytes(need)} of memory at {work[1]}×{work[0]} on {self.device}, "
+                           f"{format_bytes(have)} available; use --max-side {lo} or smaller")
+
+    def segment(self, image: np.ndarray, size: tuple[int, int] | None = None) -> Segmentation:
+        """The whole pipeline for one image (H, W, 3) uint8 RGB → labels (H, W) after the CRF (or without one).
+
+        size: the full (H, W) when image was decoded at a reduced scale (io.decode_photo); labels come back
+        at size. An image larger than max_side runs downscaled and its labels are upsampled in tiles.
+        """
+        full = tuple(size) if size is not None else image.shape[:2]
+        work = self.working_size(*full)
+        self.check_memory(*full)
         t0 = time.perf_counter()
-        probs = self.predict_probs(image)
+        image = downscale(image, work)
         t1 = time.perf_counter()
-        timings = {"network": t1 - t0}
+        timings = {"resize": t1 - t0} if work != full else {}
+        probs = self.predict_probs(image)
+        t2 = time.perf_counter()
+        timings["network"] = t2 - t1
         crf_probs = None
         final = probs
         if self.crf is not None:
             crf_probs = final = self.refine(image, probs)
-            timings["crf"] = time.perf_counter() - t1
-        labels = final.argmax(axis=0).astype(np.uint8)
+            timings["crf"] = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        labels = upsample_labels(final, full)
+        if work != full:
+            timings["restore"] = time.perf_counter() - t3
         return Segmentation(labels, probs, crf_probs, timings)

@@ -57,8 +57,8 @@ def cached_model_path(name: str = DEFAULT_MODEL) -> Path:
     return cache_dir() / f"{name}.safetensors"
 
 
-def resolve_weights(explicit: str | os.PathLike | None = None) -> Path:
-    """Find the weights file: --weights, then $DEEPLAB_WEIGHTS, then the cached default model."""
+def find_weights(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The weights file to use: --weights, then $DEEPLAB_WEIGHTS, then the cached default model; None if none."""
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file():
@@ -70,15 +70,26 @@ def resolve_weights(explicit: str | os.PathLike | None = None) -> Path:
             raise UsageError(f"{path}: weights file not found (from ${WEIGHTS_ENV})")
         return path
     path = cached_model_path()
-    if path.is_file():
+    return path if path.is_file() else None
+
+
+def no_weights_message() -> str:
+    """Where weights were looked for and how to get them (the one-line error when none are found)."""
+    path = cached_model_path()
+    return (f"no weights found: looked at --weights, ${WEIGHTS_ENV} and {path}; "
+            f"get them with `deeplab weights fetch` or `deeplab weights convert MODEL.caffemodel -o {path}`")
+
+
+def resolve_weights(explicit: str | os.PathLike | None = None) -> Path:
+    """Find the weights file (find_weights) or raise a UsageError saying where it looked."""
+    path = find_weights(explicit)
+    if path is None:
+        raise UsageError(no_weights_message())
+    if path == cached_model_path():
         from .download import verify_cached_model
 
         verify_cached_model(DEFAULT_MODEL)  # what `fetch` wrote is re-checked on every use
-        return path
-    raise UsageError(
-        f"no weights found: looked at --weights, ${WEIGHTS_ENV} and {path}; "
-        f"get them with `deeplab weights fetch` or `deeplab weights convert MODEL.caffemodel -o {path}`"
-    )
+    return path
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -18,6 +18,14 @@ def random_state_dict(arch: str = "largefov", num_classes: int = 21, seed: int =
     return random_model(arch, num_classes, seed).state_dict()
 
 
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never reach the network: a command without weights fails instead of downloading the default
+    model (the first-run tests lift this and serve the model from 127.0.0.1)."""
+    monkeypatch.setenv("DEEPLAB_OFFLINE", "1")
+    monkeypatch.delenv("DEEPLAB_MODEL_URL", raising=False)
+
+
 @pytest.fixture(scope="session")
 def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LargeFOV .safetensors file with seeded random weights (21 VOC classes)."""

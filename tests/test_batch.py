@@ -395,3 +395,25 @@ def test_interrupted_run_leaves_whole_files_and_resumes(tmp_path: Path, many, we
     assert not list(out.rglob(".*.part"))
     statuses = [r["status"] for r in read_report(report).values()]
     assert statuses.count("skipped") >= written and statuses.count("done") == n - statuses.count("skipped")
+
+
+def test_single_folder_without_o_writes_beside_it_and_reruns_skip(tmp_path: Path, photo: np.ndarray,
+                                                                   weights_file: Path, monkeypatch) -> None:
+    root = tmp_path / "dir"
+    (root / "sub").mkdir(parents=True)
+    resized(photo, 40, 30).save(root / "a.jpg")
+    resized(photo, 33, 29).save(root / "sub" / "b.png")
+    monkeypatch.chdir(tmp_path)
+    res = run("dir/", "--weights", weights_file, *FAST)
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "dir_masks"
+    assert res.stderr.splitlines()[0] == f"deeplab: writing to {out} (no -o given)"
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == ["a.png", "sub/b.png"]
+    assert not any(p.name.endswith(".png") and p.parent.name == "dir" for p in root.iterdir())
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    again = run("dir", "--weights", weights_file, *FAST)
+    assert again.exit_code == 0 and {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == stamps
+    # Several inputs, a glob, an image or a list: -o stays required, said in one line.
+    for args in (["dir", "dir/sub"], ["dir/*.jpg"], ["dir/a.jpg"], ["--from-list", "-"]):
+        res = run(*args, "--weights", weights_file, *FAST, input=b"dir/a.jpg\n")
+        assert res.exit_code == 2 and "-o DIR is required" in res.stderr and res.stderr.count("\n") == 1, args

@@ -368,3 +368,58 @@ def test_unmappable_keys_are_named(tmp_path):
     del sd["features.28.weight"], sd["features.28.bias"]
     torch.save(sd, path)
     assert "found 15 convolution weights, need 16" in one_line_error(cli("weights", "info", path))
+
+
+# ---------------------------------------------------------------------------------------------
+# First run: a command without weights downloads the default model once (integrity rules of fetch)
+
+
+def test_first_run_downloads_the_default_model_once(server, caffemodel, isolated_cache, photo_file, tmp_path,
+                                                     monkeypatch):
+    base, state = server
+    state.files["/mirror/train2_iter_8000.caffemodel"] = caffemodel
+    monkeypatch.delenv("DEEPLAB_OFFLINE")
+    monkeypatch.setenv("DEEPLAB_MODEL_URL", f"{base}/mirror/train2_iter_8000.caffemodel")
+    first = cli("segment", photo_file, "-o", tmp_path / "a.png", "--no-crf")
+    assert first.exit_code == 0, first.output
+    assert "downloading the default model largefov-voc12" in first.stderr and (tmp_path / "a.png").is_file()
+    record = json.loads((isolated_cache / dl.TRUST_FILE).read_text())["models"]["largefov-voc12"]
+    assert record["trust"] == "first-use" and record["sha256"] == sha(caffemodel)
+    assert record["converted_sha256"] == sha256_file(cached_model_path())
+    n = len(state.requests)
+    second = cli("segment", photo_file, "-o", tmp_path / "b.png", "--no-crf")
+    assert second.exit_code == 0 and len(state.requests) == n and "downloading" not in second.stderr
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_offline_never_downloads(server, caffemodel, photo_file, tmp_path, monkeypatch, how):
+    base, state = server
+    state.files["/m.caffemodel"] = caffemodel
+    monkeypatch.setenv("DEEPLAB_MODEL_URL", f"{base}/m.caffemodel")
+    monkeypatch.setenv("DEEPLAB_OFFLINE", "1" if how == "env" else "0")
+    args = ["segment", photo_file, "-o", tmp_path / "m.png"] + (["--offline"] if how == "flag" else [])
+    line = one_line_error(cli(*args), code=2)
+    assert "offline" in line and "deeplab weights fetch" in line
+    assert not state.requests and not (tmp_path / "m.png").exists()
+
+
+def test_readme_first_command_runs(tmp_path, isolated_cache):
+    """README's first command, minus `pip install`, with the default model already in the cache."""
+    import shutil
+    import subprocess
+    import sys
+
+    from deeplab_cli.weights import save_weights
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    first = readme.read_text().split("```")[1].splitlines()[1]
+    command = first.split("&&", 1)[1].split()
+    assert command[:2] == ["deeplab", "segment"], first
+    shutil.copytree(readme.parent / "examples", tmp_path / "examples")
+    save_weights(random_state_dict("largefov", seed=3), cached_model_path(), "largefov")
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DEEPLAB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    outputs = [tmp_path / a for a in command[command.index("-o") + 1:] if not a.startswith("-")]
+    assert outputs and all(p.is_file() and p.stat().st_size > 0 for p in outputs)
