@@ -990,16 +990,19 @@ def _interrupts_deferred() -> Iterator[None]:
 
 def segment_tree(
     jobs: Sequence[Job],
-    segmenter: Segmenter | Callable[[], Segmenter],
+    segmenter: Segmenter | Callable[[], Segmenter] | None,
     overwrite: bool = False,
     report: str | None = None,
     console: Any = None,
     progress: bool = True,
+    engine: Callable[[list[Job], Callable[[], None]], Any] | None = None,
     **options: Any,
 ) -> BatchSummary:
     """Run `deeplab batch` over planned jobs: skip complete ones, stream the rest, show progress, write the report.
 
-    segmenter may be a callable building it, so a run with nothing to do never loads the model.
+    segmenter may be a callable building it, so a run with nothing to do never loads the model. engine, when
+    given, replaces run_batch: engine(jobs to do, on_interrupt) → an iterable of ImageResult with `wall` and
+    `interrupted` (e.g. ray_engine.RayRun); segmenter and options are then unused.
     """
     from rich.console import Console
 
@@ -1018,15 +1021,17 @@ def segment_tree(
             summary.add(result)
             out.write(result)
         if todo:
-            seg = segmenter() if callable(segmenter) else segmenter
-            _stream(seg, todo, summary, out, console, progress, options)
+            if engine is None:
+                seg = segmenter() if callable(segmenter) else segmenter
+                engine = lambda jobs, on_interrupt: run_batch(seg, jobs, on_interrupt=on_interrupt, **options)  # noqa: E731
+            _stream(engine, todo, summary, out, console, progress)
     finally:
         out.close()
     return summary
 
 
-def _stream(seg: Segmenter, todo: list[Job], summary: BatchSummary, out: _Report, console: Any, progress: bool,
-            options: dict[str, Any]) -> None:
+def _stream(engine: Callable[[list[Job], Callable[[], None]], Any], todo: list[Job], summary: BatchSummary,
+            out: _Report, console: Any, progress: bool) -> None:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -1038,7 +1043,7 @@ def _stream(seg: Segmenter, todo: list[Job], summary: BatchSummary, out: _Report
     def interrupted() -> None:
         console.print("[yellow]interrupted: finishing the images in flight (Ctrl-C again to abort)[/]")
 
-    run = run_batch(seg, todo, on_interrupt=interrupted, **options)
+    run = engine(todo, interrupted)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
                TextColumn("{task.fields[failures]}"))

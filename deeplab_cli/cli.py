@@ -163,20 +163,27 @@ def crf_params_from(opts: dict[str, Any]):
         raise UsageError(str(exc)) from None
 
 
+def weights_from(opts: dict[str, Any]):
+    """The weights (and class names, or None for VOC's) that the shared model options name; fetched on first use."""
+    from .download import resolve_or_fetch
+    from .palette import load_class_names
+    from .weights import load_weights
+
+    weights = load_weights(resolve_or_fetch(opts.get("weights"), offline=opts.get("offline", False)),
+                           arch=opts.get("arch"))
+    names = load_class_names(opts.get("classes_file"), weights.num_classes) if opts.get("classes_file") else None
+    return weights, names
+
+
 def segmenter_from(opts: dict[str, Any], log: bool = True, in_pool: bool = False):
     """Build the Segmenter that the shared model and CRF options describe, saying on stderr what it uses.
 
     in_pool: the CRF will run in worker processes (batch, evaluate), which decides what 'auto' picks on the CPU.
     """
     from .crf import resolve_backend
-    from .palette import load_class_names
     from .pipeline import Segmenter, select_device
-    from .download import resolve_or_fetch
-    from .weights import load_weights
 
-    weights = load_weights(resolve_or_fetch(opts.get("weights"), offline=opts.get("offline", False)),
-                           arch=opts.get("arch"))
-    names = load_class_names(opts.get("classes_file"), weights.num_classes) if opts.get("classes_file") else None
+    weights, names = weights_from(opts)
     device = select_device(opts.get("device", "auto"))
     seg = Segmenter.from_weights(
         weights, device=device, precision=opts.get("precision"), pad_to=opts.get("pad_to"), crf=crf_params_from(opts),
@@ -185,10 +192,29 @@ def segmenter_from(opts: dict[str, Any], log: bool = True, in_pool: bool = False
     )
     if log:
         crf = f"CRF {seg.crf_backend}" if seg.crf else "no CRF"
-        side = f"max side {seg.max_side}" if seg.max_side else "full resolution"
         click.echo(f"deeplab: {weights.path} ({weights.arch}, {weights.num_classes} classes) on {seg.device} "
-                   f"{seg.precision}, {crf}, {side}", err=True)
+                   f"{seg.precision}, {crf}, {_side_text(seg.max_side)}", err=True)
     return seg
+
+
+def _side_text(max_side: int | None) -> str:
+    return f"max side {max_side}" if max_side else "full resolution"
+
+
+def ray_engine_from(opts: dict[str, Any], **pipeline: Any):
+    """engine(jobs, on_interrupt) → a ray_engine.RayRun for `batch --engine ray`; weights load on the first call."""
+    from .ray_engine import RayOptions, RayRun
+
+    def engine(jobs: list, on_interrupt: Callable[[], None]) -> RayRun:
+        weights, _ = weights_from(opts)
+        click.echo(f"deeplab: {weights.path} ({weights.arch}, {weights.num_classes} classes), "
+                   f"{_side_text(opts.get('max_side', DEFAULT_MAX_SIDE))}, on Ray", err=True)
+        return RayRun(jobs, weights, device=opts.get("device", "auto"), precision=opts.get("precision"),
+                      pad_to=opts.get("pad_to"), crf=crf_params_from(opts), crf_backend=opts.get("crf_backend", "auto"),
+                      max_side=opts.get("max_side", DEFAULT_MAX_SIDE), options=RayOptions(**pipeline),
+                      log=lambda message: click.echo(f"deeplab: {message}", err=True))
+
+    return engine
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -254,12 +280,15 @@ def segment(image: str, output: str, overlay: str | None, save_probs: str | None
 @click.option("--report", metavar="FILE.jsonl", default=None,
               help="Write one JSON line per input: path, output, status, error, timings.")
 @click.option("--no-progress", is_flag=True, help="No live progress bar (the summary is still printed).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this machine's streaming pipeline. ray: Ray Data on $RAY_ADDRESS's cluster (else a private "
+                   "local Ray), inputs and -o may then be s3:// or gs:// URLs; needs pip install 'deeplab-cli[ray]'.")
 @model_options
 @crf_options
 @pipeline_options
 def batch(inputs: tuple[str, ...], output: str | None, from_list: str | None, recursive: bool, overwrite: bool, overlay: bool,
-          save_probs: bool, report: str | None, batch_size: int | None, crf_workers: int | None,
-          net_threads: int | None, no_progress: bool, **opts: Any) -> None:
+          save_probs: bool, report: str | None, no_progress: bool, engine: str, batch_size: int | None,
+          crf_workers: int | None, net_threads: int | None, **opts: Any) -> None:
     """Segment every image in folders, globs or a list into masks mirroring the tree under -o.
 
     Resumable: outputs already complete are skipped. Exit code 0 when all succeeded, 1 when any image
@@ -286,10 +315,11 @@ def batch(inputs: tuple[str, ...], output: str | None, from_list: str | None, re
     jobs = plan_jobs(found, output, overlay=overlay, save_probs=save_probs)
     if not jobs:
         warn("no images found")
+    pipeline = dict(batch_size=batch_size, crf_workers=crf_workers, net_threads=net_threads)
     try:
         summary = segment_tree(
             jobs, lambda: segmenter_from(opts, in_pool=True), overwrite=overwrite, report=report, console=console,
-            progress=not no_progress, batch_size=batch_size, crf_workers=crf_workers, net_threads=net_threads,
+            progress=not no_progress, engine=ray_engine_from(opts, **pipeline) if engine == "ray" else None, **pipeline,
         )
     finally:
         exit_on_next_interrupt(130)  # the run is over (or aborted): another Ctrl-C just ends the process

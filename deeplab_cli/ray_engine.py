@@ -1,9 +1,8 @@
 """`deeplab batch --engine ray`: the same jobs, results and outputs as the local engine, run on Ray Data.
 
-    with ray_session() as session:                        # $RAY_ADDRESS, else a private local Ray, shut down after
-        run = RayRun(jobs, weights, device="auto", crf=CRFParams())
-        for result in run:                                # ImageResult, in completion order
-            print(result.job.path, result.status, result.error, result.timings)
+    run = RayRun(jobs, weights, device="auto", crf=CRFParams())   # weights: weights.load_weights(...)
+    for result in run:      # Ray: the one already initialised, else $RAY_ADDRESS, else a private local Ray (stopped after)
+        print(result.job.path, result.status, result.error, result.timings)   # ImageResult, in completion order
 
 Pipeline (ray_stages.py): the driver turns the planned jobs into small rows (`ray.data.from_items`: paths
 only) → decode on CPU tasks → the network on an actor pool (one actor per GPU, `num_gpus=1`; one actor on
@@ -36,6 +35,7 @@ import numpy as np
 from .batch import ImageResult, Job
 from .crf import CRFParams, resolve_backend
 from .errors import DeeplabError, UsageError
+from .resolution import DEFAULT_MAX_SIDE
 from .ray_stages import NetworkStage, AttemptLedger, crf_and_write, decode_rows, refine_pydensecrf, refine_torch_cpu
 
 LOST = "lost (its work was dropped by Ray after repeated failures of its worker or node)"
@@ -60,7 +60,7 @@ class RayOptions:
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[Any]:
     """Connect to Ray for the block: an already initialised Ray is used as it is; else `address` or $RAY_ADDRESS;
-    else a private local Ray (address='local', no dashboard), shut down at the end."""
+    else a private local Ray (address='local', no dashboard), shut down at the end. RayRun enters it itself."""
     try:
         import ray
     except ImportError:
@@ -115,8 +115,11 @@ class RayRun:
         crf: CRFParams | None = CRFParams(),
         crf_backend: str = "auto",
         channels_last: bool = True,
+        max_side: int | None = DEFAULT_MAX_SIDE,
+        class_names: Sequence[str] | None = None,
         options: RayOptions | None = None,
         refine: Callable[[np.ndarray, np.ndarray, CRFParams], np.ndarray] | None = None,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         self.jobs = list(jobs)
         self.weights = weights
@@ -125,7 +128,9 @@ class RayRun:
         backend = resolve_backend(crf_backend, "cpu", in_pool=True)
         self.refine = refine or (refine_pydensecrf if backend == "pydensecrf" else refine_torch_cpu)
         self.channels_last = channels_last
+        self.max_side, self.class_names = max_side, list(class_names) if class_names else None
         self.options = options or RayOptions()
+        self.log = log or (lambda message: None)
         self.interrupted = False
         self.wall = 0.0  # seconds from the start of the iteration to its end
         self.startup = 0.0  # seconds from the start of the iteration to the first result
@@ -195,7 +200,8 @@ class RayRun:
         # into the network actors (it fuses a task stage into an actor stage whose resources are the same;
         # decoding would then run one image at a time inside the model's process).
         ds = ds.map_batches(decode_rows, batch_size=None, batch_format="numpy", num_cpus=1,
-                            memory=per_block * DECODE_MEMORY_PER_IMAGE, fn_kwargs=guard)
+                            memory=per_block * DECODE_MEMORY_PER_IMAGE,
+                            fn_kwargs=dict(max_side=self.max_side, **guard))
         ds = ds.map_batches(
             NetworkStage, batch_size=batch_size, batch_format="numpy",
             compute=ActorPoolStrategy(min_size=1, max_size=max(1, actors)),
@@ -207,16 +213,17 @@ class RayRun:
             crf_and_write, batch_size=None, batch_format="numpy", num_cpus=1,
             compute=TaskPoolStrategy(size=opts.crf_workers) if opts.crf_workers else None,
             fn_kwargs=dict(params=self.crf, stride=arch.output_stride, offset=arch.crop_offset, refine=self.refine,
-                           **guard),
+                           class_names=self.class_names, **guard),
         )
 
     def _generate(self) -> Iterator[ImageResult]:
-        import ray
+        t0 = time.perf_counter()
+        with ray_session(self.options.address, self.options.num_cpus) as ray:
+            yield from self._execute(ray, t0)
+
+    def _execute(self, ray: Any, t0: float) -> Iterator[ImageResult]:
         from ray.data import DataContext
 
-        t0 = time.perf_counter()
-        if not ray.is_initialized():
-            raise RuntimeError("RayRun needs a connected Ray: use it inside ray_session()")
         context = DataContext.get_current()
         saved = {k: getattr(context, k) for k in ("enable_progress_bars", "max_errored_blocks", "enable_auto_log_stats")}
         levels = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
@@ -227,6 +234,7 @@ class RayRun:
         seen: set[int] = set()
         try:
             dataset = self.build_dataset(ray, ledger)
+            self.log(self.description)
             try:
                 for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                     for result in self._results(batch):

@@ -5,7 +5,8 @@ raises for one image: a row that fails gets status 'failed' and a one-line `erro
 untouched by the later stages, so every planned row comes back to the driver. Columns:
 
   from the driver   index (int), path (input file or URL), mask, overlay, probs (output paths; '' = none)
-  decode            image ((H, W, 3) uint8), height, width, status ('ok' | 'failed'), error, t_decode, decode_node
+  decode            image ((h, w, 3) uint8 at the working resolution), height, width (the photo's full size),
+                    status ('ok' | 'failed'), error, t_decode, decode_node
   network           scores (fc8 (C, h, w) float32, ~250 KB for a VOC photo: 16 MB less than probabilities), t_network,
                     network_node
   crf_and_write     only the small columns: index, height, width, status, error, t_* seconds, *_node
@@ -31,8 +32,9 @@ from typing import Any
 import numpy as np
 
 from .crf import CRFParams, dense_crf, dense_crf_pydensecrf
-from .io import decode_image, encode_image, encode_mask_png, encode_probs, overlay_image
+from .io import decode_photo, encode_image, encode_mask_png, encode_probs, overlay_image
 from .numpy_transforms import probs_from_scores
+from .resolution import downscale, upsample_labels, working_size
 from .storage import read_bytes, write_bytes
 
 Batch = dict[str, np.ndarray]
@@ -122,10 +124,12 @@ def guarded(ledger: Any, stage: str, indices: Sequence[int], max_crashes: int, p
 # Stage 1: read + decode (CPU tasks)
 
 
-def decode_rows(batch: Batch, ledger: Any = None, max_crashes: int = 2) -> Batch:
-    """Read and decode each row's `path`: adds image, height, width, status, error, t_decode, decode_node."""
+def decode_rows(batch: Batch, max_side: int | None = None, ledger: Any = None, max_crashes: int = 2) -> Batch:
+    """Read and decode each row's `path` at the working resolution for max_side (resolution.py; large JPEGs at a
+    reduced DCT scale): adds image, height, width (full size), status, error, t_decode, decode_node."""
     n = len(batch["index"])
     images: list[np.ndarray] = [_EMPTY_IMAGE] * n
+    sizes = np.zeros((n, 2), np.int64)
     status, error = ["ok"] * n, [""] * n
     seconds = np.zeros(n, np.float64)
 
@@ -134,7 +138,9 @@ def decode_rows(batch: Batch, ledger: Any = None, max_crashes: int = 2) -> Batch
             path = str(batch["path"][i])
             t0 = time.perf_counter()
             try:
-                images[i] = decode_image(read_bytes(path), path)
+                image, (height, width) = decode_photo(read_bytes(path), path, max_side)
+                images[i] = downscale(image, working_size(height, width, max_side))
+                sizes[i] = height, width
             except Exception as exc:  # noqa: BLE001 - this image's failure
                 status[i], error[i] = "failed", error_text(exc, path)
             seconds[i] = time.perf_counter() - t0
@@ -144,8 +150,7 @@ def decode_rows(batch: Batch, ledger: Any = None, max_crashes: int = 2) -> Batch
 
     guarded(ledger, "decode", [int(x) for x in batch["index"]], max_crashes, process, fail)
     out = dict(batch)
-    out.update(image=_objects(images), height=np.array([im.shape[0] for im in images], np.int64),
-               width=np.array([im.shape[1] for im in images], np.int64), status=np.array(status, object),
+    out.update(image=_objects(images), height=sizes[:, 0], width=sizes[:, 1], status=np.array(status, object),
                error=np.array(error, object), t_decode=seconds, decode_node=np.array([_node_id()] * n, object))
     return out
 
@@ -246,19 +251,25 @@ def refine_torch_cpu(image: np.ndarray, probs: np.ndarray, params: CRFParams) ->
     return dense_crf(image, probs, params, backend="torch", device="cpu")
 
 
-def write_outputs(row: dict[str, str], image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None) -> None:
-    """Write the probabilities and overlay that were asked for, then the mask (last: it marks the image complete)."""
+def write_outputs(row: dict[str, str], image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None,
+                  class_names: Sequence[str] | None = None) -> None:
+    """Write the probabilities and overlay that were asked for, then the mask (last: it marks the image complete).
+
+    image: at the working resolution; labels: at full size (an overlay of a downscaled photo reads it again)."""
     if row["probs"]:
         write_bytes(row["probs"], encode_probs(probs))
     if row["overlay"]:
-        write_bytes(row["overlay"], encode_image(overlay_image(image, labels), row["overlay"]))
+        if image.shape[:2] != labels.shape:
+            image = decode_photo(read_bytes(row["path"]), row["path"])[0]
+        write_bytes(row["overlay"], encode_image(overlay_image(image, labels, class_names), row["overlay"]))
     write_bytes(row["mask"], encode_mask_png(labels))
 
 
 def crf_and_write(batch: Batch, params: CRFParams | None = None, stride: int = 8, offset: int = 0,
                   refine: Callable[[np.ndarray, np.ndarray, CRFParams], np.ndarray] = refine_pydensecrf,
-                  ledger: Any = None, max_crashes: int = 2) -> Batch:
-    """Upsample + softmax the scores, run the CRF (None: skip it), write the outputs; returns SMALL_COLUMNS only."""
+                  class_names: Sequence[str] | None = None, ledger: Any = None, max_crashes: int = 2) -> Batch:
+    """Upsample + softmax the scores, run the CRF (None: skip it) at the working resolution, bring the labels to
+    full size (in tiles), write the outputs (class_names: a legend on overlays); returns SMALL_COLUMNS only."""
     n = len(batch["index"])
     status, error = list(batch["status"]), list(batch["error"])
     timings = {k: np.zeros(n, np.float64) for k in ("t_upsample", "t_crf", "t_write")}
@@ -274,9 +285,9 @@ def crf_and_write(batch: Batch, params: CRFParams | None = None, stride: int = 8
                 probs = probs_from_scores(batch["scores"][i], image.shape[0], image.shape[1], stride, offset)
                 t1 = time.perf_counter()
                 final = refine(image, probs, params) if params is not None else probs
-                labels = final.argmax(axis=0).astype(np.uint8)
+                labels = upsample_labels(final, (int(batch["height"][i]), int(batch["width"][i])))
                 t2 = time.perf_counter()
-                write_outputs(row, image, labels, probs)
+                write_outputs(row, image, labels, probs, class_names)
                 t3 = time.perf_counter()
             except Exception as exc:  # noqa: BLE001 - this image's failure
                 status[i], error[i] = "failed", error_text(exc, row["path"])

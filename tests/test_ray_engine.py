@@ -1,0 +1,288 @@
+"""`deeplab batch --engine ray`: NumPy post-processing vs torch, the stages without Ray, the messy tree through a
+local Ray vs the local engine, a two-node simulated cluster (work on both nodes, a killed network actor, a poison
+image), and a real subprocess whose private Ray leaves no process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deeplab_cli import storage, transforms
+from deeplab_cli.batch import discover_inputs, plan_jobs
+from deeplab_cli.crf import CRFParams
+from deeplab_cli.numpy_transforms import probs_from_scores, upsample_scores
+from deeplab_cli.pipeline import Segmenter
+from deeplab_cli.weights import build_model, load_weights
+
+ray = pytest.importorskip("ray")
+
+from deeplab_cli.ray_engine import LOST, RayOptions, RayRun  # noqa: E402
+from deeplab_cli.ray_stages import NetworkStage, crf_and_write, decode_rows  # noqa: E402
+from test_batch import FAST, mask_name, read_report, resized, run, tree  # noqa: E402,F401
+
+pytestmark = pytest.mark.slow
+RAY_ARGS = dict(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch-free pieces, no Ray
+
+
+@pytest.mark.parametrize("arch", ["largefov", "deeplab"])
+@pytest.mark.parametrize("fc8", [(65, 65), (17, 12), (5, 9), (2, 3)])
+def test_numpy_upsampling_equals_torch(arch: str, fc8: tuple[int, int]) -> None:
+    rng = np.random.default_rng(sum(fc8))
+    scores = (rng.standard_normal((21, *fc8)) * 8).astype(np.float32)
+    up = transforms.upsample_scores(torch.from_numpy(scores)[None], arch)[0]
+    offset = 7 if arch == "deeplab" else 0
+    height, width = max(1, up.shape[1] - 3), max(1, up.shape[2] - 1)  # a crop smaller than the padded map, as for a real photo
+    ours = upsample_scores(scores, height, width, 8, offset)
+    theirs = up[:, :height, :width].numpy()
+    assert ours.shape == theirs.shape == (21, height, width)
+    assert np.abs(ours - theirs).max() <= 1e-5
+    assert (ours.argmax(0) == theirs.argmax(0)).all()
+    probs = probs_from_scores(scores, height, width, 8, offset)
+    reference = transforms.scores_to_probs(up, height, width).numpy()
+    assert np.abs(probs - reference).max() <= 1e-5 and (probs.argmax(0) == reference.argmax(0)).all()
+
+
+def test_numpy_upsampling_refuses_a_crop_beyond_the_map() -> None:
+    with pytest.raises(ValueError, match="too small"):
+        upsample_scores(np.zeros((2, 3, 3), np.float32), 18, 10, 8, 0)
+
+
+def test_stages_without_ray_equal_the_segmenter(tmp_path: Path, photo: np.ndarray, weights_file: Path) -> None:
+    """decode → network → CRF + write called as plain functions: the masks are the Segmenter's, bad rows pass through."""
+    Image.fromarray(photo).save(tmp_path / "a.png")
+    resized(photo, 40, 31).save(tmp_path / "b.png")
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    paths = [tmp_path / n for n in ("a.png", "b.png", "bad.jpg")]
+    batch = {"index": np.arange(3), "path": np.array([str(p) for p in paths], object),
+             "mask": np.array([str(tmp_path / f"out{i}.png") for i in range(3)], object),
+             "overlay": np.array(["", str(tmp_path / "b.overlay.jpg"), ""], object), "probs": np.array([""] * 3, object)}
+    params = CRFParams(iterations=3)
+    weights = load_weights(weights_file)
+    out = crf_and_write(NetworkStage(weights, device="cpu")(decode_rows(batch)), params)
+    assert list(out["status"]) == ["ok", "ok", "failed"] and "not an image" in out["error"][2]
+    assert "image" not in out and "scores" not in out  # only small columns go back to the driver
+    seg = Segmenter(build_model(weights), device="cpu", crf=params, crf_backend="pydensecrf")
+    for i in range(2):
+        expected = seg.segment(np.array(Image.open(paths[i]).convert("RGB"))).labels
+        assert np.array_equal(np.array(Image.open(tmp_path / f"out{i}.png")), expected)
+    assert Image.open(tmp_path / "b.overlay.jpg").size == (40, 31)
+    assert not (tmp_path / "out2.png").exists()
+
+
+def test_storage_writes_urls_whole_through_pyarrow(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/out/a/x.png"
+    storage.write_bytes(url, b"mask")
+    assert (tmp_path / "out/a/x.png").read_bytes() == b"mask" == storage.read_bytes(url)
+    assert [p.name for p in (tmp_path / "out/a").iterdir()] == ["x.png"]  # no temporary name left
+    assert [(str(rel), size) for _, rel, size in storage.list_files(f"file://{tmp_path}/out")] == [("a/x.png", 4)]
+    assert storage.join("s3://bucket/masks/", "a/x.png") == "s3://bucket/masks/a/x.png"
+    assert storage.is_url("gs://b/k") and not storage.is_url("C:\\photos") and not storage.is_url("photos/x.jpg")
+
+
+# ---------------------------------------------------------------------------------------------
+# A local Ray shared by the tests of this module
+
+
+@pytest.fixture(scope="session")
+def ray_session_started() -> None:
+    """Start the test session's private local Ray once (2 CPUs, no dashboard); stopped when the session ends."""
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture()
+def local_ray(ray_session_started: None) -> None:
+    """The local Ray: started on first use, and again after a test that ran its own cluster."""
+    if not ray.is_initialized():
+        ray.init(address="local", **RAY_ARGS)
+
+
+def test_tree_through_ray_equals_the_local_engine(tmp_path: Path, tree, weights_file: Path, local_ray: None) -> None:
+    root, good, bad = tree
+    results = {}
+    for engine in ("local", "ray"):
+        out, report = tmp_path / engine, tmp_path / f"{engine}.jsonl"
+        res = run(root, "-o", out, "--weights", weights_file, "--report", report, "--engine", engine, *FAST)
+        assert res.exit_code == 1, res.output  # the bad images failed
+        assert res.stdout == ""
+        results[engine] = read_report(report)
+    assert {p: r["status"] for p, r in results["ray"].items()} == {p: r["status"] for p, r in results["local"].items()}
+    for rel, word in bad.items():
+        assert word in results["ray"][str(root / rel)]["error"]
+    for rel, size in good.items():
+        local, remote = (np.array(Image.open(tmp_path / e / mask_name(rel))) for e in ("local", "ray"))
+        assert remote.shape == (size[1], size[0]) and np.array_equal(local, remote), rel
+        record = results["ray"][str(root / rel)]
+        assert record["size"] == list(size) and set(record["timings"]) == {"decode", "network", "upsample", "crf", "write"}
+    written = sorted(str(p.relative_to(tmp_path / "ray")) for p in (tmp_path / "ray").rglob("*") if p.is_file())
+    assert written == sorted(mask_name(rel) for rel in good)  # no temporary files, nothing for the bad inputs
+
+
+def test_ray_rerun_skips_and_recreates_a_deleted_output(tmp_path: Path, tree, weights_file: Path,
+                                                        local_ray: None) -> None:
+    root, _, bad = tree
+    for rel in bad:
+        (root / rel).unlink()
+    out, report = tmp_path / "masks", tmp_path / "report.jsonl"
+    args = (root, "-o", out, "--weights", weights_file, "--report", report, "--engine", "ray", "--overlay", *FAST)
+    assert run(*args).exit_code == 0
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    res = run(*args)
+    assert res.exit_code == 0 and {r["status"] for r in read_report(report).values()} == {"skipped"}
+    assert "on Ray" not in res.stderr  # nothing to do: neither the model nor Ray is touched
+    victim = out / mask_name("nested/deeper/tall.webp")
+    victim.unlink()
+    assert run(*args).exit_code == 0
+    statuses = {path: r["status"] for path, r in read_report(report).items()}
+    assert statuses.pop(str(root / "nested/deeper/tall.webp")) == "done" and set(statuses.values()) == {"skipped"}
+    assert victim.exists()
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != victim and p.suffix == ".png")
+
+
+def test_ray_dataset_keeps_decode_out_of_the_model_actor(tmp_path: Path, photo_file: Path, weights_file: Path,
+                                                         local_ray: None, capsys) -> None:
+    jobs = plan_jobs(discover_inputs([photo_file]), tmp_path / "out")
+    RayRun(jobs, load_weights(weights_file), device="cpu").build_dataset(ray).explain()
+    plan = capsys.readouterr().out.split("Physical Plan (Optimized)")[-1]
+    assert "TaskPoolMapOperator[MapBatches(decode_rows)]" in plan
+    assert "ActorPoolMapOperator[MapBatches(NetworkStage)]" in plan  # not "decode_rows)->MapBatches(NetworkStage)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Two simulated nodes: spread, a killed network actor, a poison image
+
+
+def _abort_on_width_61(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
+    """A CRF that crashes its process (SIGABRT) on every image 61 px wide; counts the crashes in $POISON_LOG."""
+    if image.shape[1] == 61:
+        with open(os.environ["POISON_LOG"], "a") as log:
+            log.write("crash\n")
+        os.abort()
+    from deeplab_cli.ray_stages import refine_pydensecrf
+
+    return refine_pydensecrf(image, probs, params)
+
+
+def _ray_processes(marker: str) -> list[int]:
+    """Pids of live processes whose command line or environment mentions marker (Ray's workers retitle their
+    command line, so a test marks the processes it starts through an environment variable they inherit)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                text = b"".join(Path(f"/proc/{entry}/{name}").read_bytes() for name in ("cmdline", "environ"))
+            except OSError:
+                continue
+            if marker.encode() in text:
+                pids.append(int(entry))
+    return pids
+
+
+def _children(pids: set[int]) -> dict[int, str]:
+    """Direct children of pids → their command line."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid in pids:
+                    found[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds Ray's processes through /proc")
+def test_two_node_cluster_spreads_work_survives_a_killed_actor_and_fails_a_poison_image(
+        tmp_path: Path, photo: np.ndarray, weights_file: Path, monkeypatch) -> None:
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # this test connects to its own cluster; the module's local Ray restarts when next needed
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(14):
+        resized(photo, 40 + 3 * i, 36 + i).save(root / f"p{i:02}.png")
+    resized(photo, 61, 47).save(root / "poison.png")
+    poison_log = tmp_path / "poison.log"
+    monkeypatch.setenv("POISON_LOG", str(poison_log))  # inherited by the nodes' workers
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    temp = tempfile.mkdtemp(prefix="dlr", dir="/tmp")  # short: Ray's socket paths live below it
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
+                                                            "temp_dir": temp})
+    try:
+        cluster.add_node(num_cpus=2, temp_dir=temp)
+        ray.init(address=cluster.address, log_to_driver=False)
+        raylets = {node.all_processes["raylet"][0].process.pid for node in cluster.list_all_nodes()}
+        weights = load_weights(weights_file)
+        out = tmp_path / "out"
+        jobs = plan_jobs(discover_inputs([root]), out)
+        killed: list[str] = []
+
+        def kill_network_actor_after_two_masks() -> None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not killed:
+                if len(list(out.glob("*.png"))) >= 2:
+                    for pid, cmd in _children(raylets).items():
+                        if "NetworkStage" in cmd:
+                            os.kill(pid, signal.SIGKILL)
+                            killed.append(cmd)
+                time.sleep(0.05)
+
+        killer = threading.Thread(target=kill_network_actor_after_two_masks, daemon=True)
+        killer.start()
+        run = RayRun(jobs, weights, device="cpu", crf=CRFParams(iterations=2), refine=_abort_on_width_61,
+                     options=RayOptions(rows_per_block=3, max_crashes=2))
+        results = {r.job.path.name: r for r in run}
+        killer.join()
+        assert killed, "no network actor was found to kill"
+        poison = results.pop("poison.png")
+        assert poison.status == "failed" and "crashed its worker process" in poison.error, poison.error
+        assert poison_log.read_text().count("crash") == 3  # once in its batch, then max_crashes=2 times alone
+        assert {r.status for r in results.values()} == {"done"} and len(results) == 14
+        assert sorted(p.name for p in out.iterdir()) == sorted(f"p{i:02}.png" for i in range(14))
+        assert len({node for (_, node) in run.placement}) == 2  # work landed on both nodes
+        assert LOST not in {r.error for r in results.values()}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    deadline = time.monotonic() + 20
+    while _ray_processes(str(poison_log)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _ray_processes(str(poison_log)) == []  # every process the cluster started carries $POISON_LOG
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds Ray's processes through /proc")
+def test_cli_subprocess_private_ray_leaves_no_process(tmp_path: Path, photo: np.ndarray, weights_file: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(3):
+        resized(photo, 50 + i, 40).save(root / f"x{i}.jpg")
+    temp = tempfile.mkdtemp(prefix="dlr", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": temp, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    res = subprocess.run([sys.executable, "-m", "deeplab_cli.cli", "batch", str(root), "-o", str(tmp_path / "out"),
+                          "--weights", str(weights_file), "--engine", "ray", *FAST], env=env, capture_output=True,
+                         text=True, timeout=180)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x0.png", "x1.png", "x2.png"]
+    assert "Traceback" not in res.stderr
+    deadline = time.monotonic() + 20
+    while _ray_processes(temp) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _ray_processes(temp) == []
