@@ -295,9 +295,10 @@ def batch(inputs: tuple[str, ...], output: str | None, from_list: str | None, re
     failed (listed in the summary and --report), 130 when interrupted (Ctrl-C finishes the images in flight).
     """
     from .batch import (
-        check_output_dir, default_output_dir, discover_inputs, exit_on_next_interrupt, plan_jobs, print_summary,
-        segment_tree,
+        check_output_dir, default_output_dir, discover_inputs, exit_on_next_interrupt, print_summary, segment_tree,
     )
+    from .remote_inputs import discover_urls, plan_url_jobs
+    from .storage import is_url
 
     if not inputs and from_list is None:
         raise UsageError("give input folders, globs or images, or --from-list FILE")
@@ -311,8 +312,14 @@ def batch(inputs: tuple[str, ...], output: str | None, from_list: str | None, re
         warn(f"writing to {output} (no -o given)")
     check_output_dir(output, inputs)
 
-    found = discover_inputs(inputs, recursive=recursive, from_list=from_list, exclude=output, warn=warn)
-    jobs = plan_jobs(found, output, overlay=overlay, save_probs=save_probs)
+    urls = [source for source in inputs if is_url(source)]
+    if engine != "ray" and (urls or is_url(output)):
+        raise UsageError("inputs or outputs named by URL (s3://, gs://, ...) need --engine ray")
+    local = [source for source in inputs if not is_url(source)]
+    found = discover_inputs(local, recursive=recursive, from_list=from_list, exclude=output, warn=warn) if (
+        local or from_list is not None) else []
+    found += discover_urls(urls, recursive=recursive)
+    jobs = plan_url_jobs(found, output, overlay=overlay, save_probs=save_probs)
     if not jobs:
         warn("no images found")
     pipeline = dict(batch_size=batch_size, crf_workers=crf_workers, net_threads=net_threads)

@@ -95,11 +95,18 @@ def write_bytes(path: str, data: bytes) -> None:
 
 
 def list_files(url: str) -> Iterator[tuple[str, PurePosixPath, int]]:
-    """Every file below a URL (recursively), hidden names skipped: (url, path relative to it, size in bytes)."""
+    """Every file below a URL (recursively), hidden names skipped: (url, path relative to it, size in bytes).
+    A URL naming one file gives that file, relative to its folder."""
     import pyarrow.fs
 
     fs, inner = resolve(url)
     try:
+        info = fs.get_file_info(inner)
+        if info.type == pyarrow.fs.FileType.File:
+            yield url, PurePosixPath(info.base_name), info.size or 0
+            return
+        if info.type == pyarrow.fs.FileType.NotFound:
+            raise UsageError(f"{url}: no such file or folder")
         infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=True, allow_not_found=True))
     except OSError as exc:
         raise UsageError(f"{url}: cannot list ({' '.join(str(exc).split())})") from None
@@ -111,3 +118,40 @@ def list_files(url: str) -> Iterator[tuple[str, PurePosixPath, int]]:
         if any(part.startswith(".") for part in rel.parts):
             continue
         yield join(url, rel), rel, info.size or 0
+
+
+class URL(str):
+    """A file named by URL where the batch code expects a Path: str() is the URL; name, parent and stat() as for paths."""
+
+    @property
+    def name(self) -> str:
+        return self.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> "URL":
+        return URL(self.rstrip("/").rsplit("/", 1)[0])
+
+    def stat(self) -> os.stat_result:
+        """Size of the file (st_size only; the folder is listed once and remembered); FileNotFoundError if absent."""
+        sizes = _folder_sizes(str(self.parent))
+        if self.name not in sizes:
+            raise FileNotFoundError(str(self))
+        return os.stat_result((0, 0, 0, 0, 0, 0, sizes[self.name], 0, 0, 0))
+
+
+@lru_cache(maxsize=4096)
+def _folder_sizes(url: str) -> dict[str, int]:
+    """Names → sizes of the files directly in a folder URL (one listing per folder, for skipping complete outputs)."""
+    import pyarrow.fs
+
+    fs, inner = resolve(url)
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=False, allow_not_found=True))
+    except OSError:
+        return {}
+    return {info.base_name: info.size or 0 for info in infos if info.type == pyarrow.fs.FileType.File}
+
+
+def forget_listings() -> None:
+    """Drop remembered folder listings (after writing, before planning again in the same process)."""
+    _folder_sizes.cache_clear()

@@ -216,7 +216,7 @@ def test_two_node_cluster_spreads_work_survives_a_killed_actor_and_fails_a_poiso
     root = tmp_path / "in"
     root.mkdir()
     for i in range(14):
-        resized(photo, 40 + 3 * i, 36 + i).save(root / f"p{i:02}.png")
+        resized(photo, 40 + 2 * i, 36 + i).save(root / f"p{i:02}.png")  # even widths: never 61
     resized(photo, 61, 47).save(root / "poison.png")
     poison_log = tmp_path / "poison.log"
     monkeypatch.setenv("POISON_LOG", str(poison_log))  # inherited by the nodes' workers
@@ -286,3 +286,22 @@ def test_cli_subprocess_private_ray_leaves_no_process(tmp_path: Path, photo: np.
     while _ray_processes(temp) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _ray_processes(temp) == []
+
+
+def test_urls_in_and_out_through_pyarrow(tmp_path: Path, photo: np.ndarray, weights_file: Path, local_ray: None) -> None:
+    """file:// URLs take the pyarrow path that s3:// and gs:// take: listing, reading, whole writes, skipping."""
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    resized(photo, 50, 40).save(tmp_path / "in" / "a.jpg")
+    resized(photo, 44, 52).save(tmp_path / "in" / "sub" / "b.png")
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    source, out, report = f"file://{tmp_path}/in", f"file://{tmp_path}/out", tmp_path / "report.jsonl"
+    res = run(source, "-o", out, "--weights", weights_file, "--engine", "ray", "--report", report, *FAST)
+    assert res.exit_code == 0, res.output
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")) == [
+        "a.png", "sub", "sub/b.png"]
+    assert {r["output"] for r in read_report(report).values()} == {f"{out}/a.png", f"{out}/sub/b.png"}
+    storage.forget_listings()
+    res = run(source, "-o", out, "--weights", weights_file, "--engine", "ray", "--report", report, *FAST)
+    assert {r["status"] for r in read_report(report).values()} == {"skipped"}
+    res = run(source, "-o", out, "--weights", weights_file, *FAST)
+    assert res.exit_code == 2 and "need --engine ray" in res.stderr
