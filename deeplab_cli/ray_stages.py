@@ -24,6 +24,7 @@ alone `max_crashes` times without finishing is reported failed instead of being 
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -170,8 +171,9 @@ class NetworkStage:
         from .pipeline import Segmenter
         from .weights import build_model
 
-        if threads:
-            torch.set_num_threads(threads)
+        # Ray sets OMP_NUM_THREADS to the actor's CPU reservation (1); on a CPU-only node the network should use
+        # the cores as the local engine's does, sharing them with the CRF tasks.
+        torch.set_num_threads(threads or os.cpu_count() or 1)
         if isinstance(weights, list):  # [ObjectRef] of the driver's Weights (put once, read by every actor)
             import ray
 

@@ -305,3 +305,30 @@ def test_urls_in_and_out_through_pyarrow(tmp_path: Path, photo: np.ndarray, weig
     assert {r["status"] for r in read_report(report).values()} == {"skipped"}
     res = run(source, "-o", out, "--weights", weights_file, *FAST)
     assert res.exit_code == 2 and "need --engine ray" in res.stderr
+
+
+def test_large_photo_runs_at_the_working_resolution_like_segment(tmp_path: Path, photo: np.ndarray,
+                                                                   weights_file: Path, local_ray: None) -> None:
+    """A photo over --max-side: downscaled (JPEG draft decoding included) for network and CRF, mask at full size,
+    equal to `deeplab segment`'s (same CRF backend)."""
+    from click.testing import CliRunner
+
+    from deeplab_cli.cli import main
+
+    (tmp_path / "in").mkdir()
+    resized(photo, 1100, 800).save(tmp_path / "in" / "big.jpg", quality=90)
+    fast = ("--device", "cpu", "--crf-iterations", "3", "--max-side", "200")
+    args = ["segment", tmp_path / "in" / "big.jpg", "-o", tmp_path / "segment.png", "--weights", weights_file,
+            "--crf-backend", "pydensecrf", *fast]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the network actor below: oneDNN's sums round differently with other thread counts
+    try:
+        res = CliRunner().invoke(main, list(map(str, args)))
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
+    res = run(tmp_path / "in", "-o", tmp_path / "out", "--weights", weights_file, "--engine", "ray", "--no-progress",
+              "--net-threads", "1", *fast)
+    assert res.exit_code == 0, res.output
+    ours, theirs = (np.array(Image.open(p)) for p in (tmp_path / "out" / "big.png", tmp_path / "segment.png"))
+    assert ours.shape == (800, 1100) and np.array_equal(ours, theirs)
