@@ -178,8 +178,9 @@ class NetworkStage:
             import ray
 
             weights = ray.get(weights[0])
+        # Images arrive at their working resolution already (max_side=None here: no second downscaling).
         self.segmenter = Segmenter(build_model(weights), device=device, precision=precision, pad_to=pad_to,
-                                   crf=None, channels_last=channels_last)
+                                   crf=None, channels_last=channels_last, max_side=None)
         self.ledger, self.max_crashes = ledger, max_crashes
         self.node = _node_id()
 
@@ -207,8 +208,9 @@ class NetworkStage:
                 continue
             image = self._batch["image"][i]
             try:
+                self.segmenter.check_memory(*image.shape[:2])  # e.g. --max-side none on a huge photo: refused
                 groups[self.segmenter.input_size(*image.shape[:2])].append(i)
-            except Exception as exc:  # noqa: BLE001 - e.g. larger than --pad-to
+            except Exception as exc:  # noqa: BLE001 - e.g. larger than --pad-to, or than the memory
                 self._fail(i, error_text(exc, str(self._batch["path"][i])))
         for size, rows in groups.items():
             self._run(size, rows)

@@ -163,6 +163,52 @@ def test_ray_dataset_keeps_decode_out_of_the_model_actor(tmp_path: Path, photo_f
     assert "ActorPoolMapOperator[MapBatches(NetworkStage)]" in plan  # not "decode_rows)->MapBatches(NetworkStage)"
 
 
+def test_urls_in_and_out_through_pyarrow(tmp_path: Path, photo: np.ndarray, weights_file: Path, local_ray: None) -> None:
+    """file:// URLs take the pyarrow path that s3:// and gs:// take: listing, reading, whole writes, skipping."""
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    resized(photo, 50, 40).save(tmp_path / "in" / "a.jpg")
+    resized(photo, 44, 52).save(tmp_path / "in" / "sub" / "b.png")
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    source, out, report = f"file://{tmp_path}/in", f"file://{tmp_path}/out", tmp_path / "report.jsonl"
+    res = run(source, "-o", out, "--weights", weights_file, "--engine", "ray", "--report", report, *FAST)
+    assert res.exit_code == 0, res.output
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")) == [
+        "a.png", "sub", "sub/b.png"]
+    assert {r["output"] for r in read_report(report).values()} == {f"{out}/a.png", f"{out}/sub/b.png"}
+    storage.forget_listings()
+    res = run(source, "-o", out, "--weights", weights_file, "--engine", "ray", "--report", report, *FAST)
+    assert {r["status"] for r in read_report(report).values()} == {"skipped"}
+    res = run(source, "-o", out, "--weights", weights_file, *FAST)
+    assert res.exit_code == 2 and "need --engine ray" in res.stderr
+
+
+def test_large_photo_runs_at_the_working_resolution_like_segment(tmp_path: Path, photo: np.ndarray,
+                                                                   weights_file: Path, local_ray: None) -> None:
+    """A photo over --max-side: downscaled (JPEG draft decoding included) for network and CRF, mask at full size,
+    equal to `deeplab segment`'s (same CRF backend)."""
+    from click.testing import CliRunner
+
+    from deeplab_cli.cli import main
+
+    (tmp_path / "in").mkdir()
+    resized(photo, 1100, 800).save(tmp_path / "in" / "big.jpg", quality=90)
+    fast = ("--device", "cpu", "--crf-iterations", "3", "--max-side", "200")
+    args = ["segment", tmp_path / "in" / "big.jpg", "-o", tmp_path / "segment.png", "--weights", weights_file,
+            "--crf-backend", "pydensecrf", *fast]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the network actor below: oneDNN's sums round differently with other thread counts
+    try:
+        res = CliRunner().invoke(main, list(map(str, args)))
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
+    res = run(tmp_path / "in", "-o", tmp_path / "out", "--weights", weights_file, "--engine", "ray", "--no-progress",
+              "--net-threads", "1", *fast)
+    assert res.exit_code == 0, res.output
+    ours, theirs = (np.array(Image.open(p)) for p in (tmp_path / "out" / "big.png", tmp_path / "segment.png"))
+    assert ours.shape == (800, 1100) and np.array_equal(ours, theirs)
+
+
 # ---------------------------------------------------------------------------------------------
 # Two simulated nodes: spread, a killed network actor, a poison image
 
@@ -267,68 +313,39 @@ def test_two_node_cluster_spreads_work_survives_a_killed_actor_and_fails_a_poiso
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds Ray's processes through /proc")
-def test_cli_subprocess_private_ray_leaves_no_process(tmp_path: Path, photo: np.ndarray, weights_file: Path) -> None:
-    root = tmp_path / "in"
+def test_cli_subprocess_interrupted_then_resumed_leaves_no_ray_process(tmp_path: Path, photo: np.ndarray,
+                                                                     weights_file: Path) -> None:
+    """The real command with its private local Ray: Ctrl-C after the first mask exits 130 with only whole files;
+    the rerun does the rest; neither run leaves a Ray process behind."""
+    root, out = tmp_path / "in", tmp_path / "out"
     root.mkdir()
-    for i in range(3):
+    for i in range(8):
         resized(photo, 50 + i, 40).save(root / f"x{i}.jpg")
-    temp = tempfile.mkdtemp(prefix="dlr", dir="/tmp")
+    temp = tempfile.mkdtemp(prefix="dlr", dir="/tmp")  # every Ray process of these runs inherits $RAY_TMPDIR
     env = {**os.environ, "RAY_TMPDIR": temp, "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     env.pop("RAY_ADDRESS", None)
-    res = subprocess.run([sys.executable, "-m", "deeplab_cli.cli", "batch", str(root), "-o", str(tmp_path / "out"),
-                          "--weights", str(weights_file), "--engine", "ray", *FAST], env=env, capture_output=True,
-                         text=True, timeout=180)
+    cmd = [sys.executable, "-m", "deeplab_cli.cli", "batch", str(root), "-o", str(out), "--weights", str(weights_file),
+           "--engine", "ray", *FAST]
+
+    def no_ray_left() -> list[int]:
+        deadline = time.monotonic() + 20
+        while _ray_processes(temp) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return _ray_processes(temp)
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 150
+    while not (out.is_dir() and any(out.glob("*.png"))) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (130, 0), err  # 0: all 8 were written before the signal arrived
+    assert "Traceback" not in err
+    assert all(p.suffix == ".png" for p in out.iterdir())  # whole files only, no temporary names
+    assert no_ray_left() == []
+
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x0.png", "x1.png", "x2.png"]
-    assert "Traceback" not in res.stderr
-    deadline = time.monotonic() + 20
-    while _ray_processes(temp) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _ray_processes(temp) == []
-
-
-def test_urls_in_and_out_through_pyarrow(tmp_path: Path, photo: np.ndarray, weights_file: Path, local_ray: None) -> None:
-    """file:// URLs take the pyarrow path that s3:// and gs:// take: listing, reading, whole writes, skipping."""
-    (tmp_path / "in" / "sub").mkdir(parents=True)
-    resized(photo, 50, 40).save(tmp_path / "in" / "a.jpg")
-    resized(photo, 44, 52).save(tmp_path / "in" / "sub" / "b.png")
-    (tmp_path / "in" / "notes.txt").write_text("not an image")
-    source, out, report = f"file://{tmp_path}/in", f"file://{tmp_path}/out", tmp_path / "report.jsonl"
-    res = run(source, "-o", out, "--weights", weights_file, "--engine", "ray", "--report", report, *FAST)
-    assert res.exit_code == 0, res.output
-    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")) == [
-        "a.png", "sub", "sub/b.png"]
-    assert {r["output"] for r in read_report(report).values()} == {f"{out}/a.png", f"{out}/sub/b.png"}
-    storage.forget_listings()
-    res = run(source, "-o", out, "--weights", weights_file, "--engine", "ray", "--report", report, *FAST)
-    assert {r["status"] for r in read_report(report).values()} == {"skipped"}
-    res = run(source, "-o", out, "--weights", weights_file, *FAST)
-    assert res.exit_code == 2 and "need --engine ray" in res.stderr
-
-
-def test_large_photo_runs_at_the_working_resolution_like_segment(tmp_path: Path, photo: np.ndarray,
-                                                                   weights_file: Path, local_ray: None) -> None:
-    """A photo over --max-side: downscaled (JPEG draft decoding included) for network and CRF, mask at full size,
-    equal to `deeplab segment`'s (same CRF backend)."""
-    from click.testing import CliRunner
-
-    from deeplab_cli.cli import main
-
-    (tmp_path / "in").mkdir()
-    resized(photo, 1100, 800).save(tmp_path / "in" / "big.jpg", quality=90)
-    fast = ("--device", "cpu", "--crf-iterations", "3", "--max-side", "200")
-    args = ["segment", tmp_path / "in" / "big.jpg", "-o", tmp_path / "segment.png", "--weights", weights_file,
-            "--crf-backend", "pydensecrf", *fast]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the network actor below: oneDNN's sums round differently with other thread counts
-    try:
-        res = CliRunner().invoke(main, list(map(str, args)))
-    finally:
-        torch.set_num_threads(threads)
-    assert res.exit_code == 0, res.output
-    res = run(tmp_path / "in", "-o", tmp_path / "out", "--weights", weights_file, "--engine", "ray", "--no-progress",
-              "--net-threads", "1", *fast)
-    assert res.exit_code == 0, res.output
-    ours, theirs = (np.array(Image.open(p)) for p in (tmp_path / "out" / "big.png", tmp_path / "segment.png"))
-    assert ours.shape == (800, 1100) and np.array_equal(ours, theirs)
+    assert sorted(p.name for p in out.iterdir()) == [f"x{i}.png" for i in range(8)]
+    assert no_ray_left() == []
