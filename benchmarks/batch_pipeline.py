@@ -7,7 +7,7 @@
    recording each stage's wall seconds and CPU seconds (process CPU time, which counts torch's threads).
 3. floor = max(the slowest stage's total, the sum of all stages' CPU seconds ÷ cores): the pipeline cannot
    beat the slowest stage run one image at a time, nor use more than the cores.
-4. Runs the `deeplab batch` engine (batch.segment_tree, as the command does, progress off, --overwrite)
+4. Runs the `deeplab batch` engine (batch.segment_tree, as the command does, no progress bar, --overwrite)
    over the folder for each configuration (net threads × CRF workers × CRF worker niceness) and reports
    wall seconds, images/s, wall ÷ floor and wall ÷ plain loop, medians over --repeat runs, interleaved.
 
@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +32,8 @@ from deeplab_cli.batch import STAGES, discover_inputs, plan_jobs, segment_tree
 from deeplab_cli.crf import dense_crf_pydensecrf
 from deeplab_cli.io import decode_image, encode_mask_png, read_bytes, write_bytes
 from deeplab_cli.pipeline import Segmenter
+from deeplab_cli.testing import random_state_dict
+from deeplab_cli.weightfiles.formats import save_weights
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket", "stereo_motorcycle", "immunohistochemistry", "hubble_deep_field")
 
@@ -100,7 +101,7 @@ def plain_loop(seg: Segmenter, jobs, net_threads: int) -> dict[str, dict[str, fl
 
 def pipeline(seg: Segmenter, jobs, net_threads: int, crf_workers: int, nice: int) -> tuple[float, dict[str, float]]:
     """One `deeplab batch` run (the command's engine); returns wall seconds and per-stage seconds summed."""
-    summary = segment_tree(jobs, seg, overwrite=True, progress=False, net_threads=net_threads,
+    summary = segment_tree(jobs, seg, overwrite=True, net_threads=net_threads,
                            crf_workers=crf_workers, crf_nice=nice)
     assert summary.done == len(jobs) and not summary.failed, summary.failed
     return summary.wall, summary.stage_seconds
@@ -122,11 +123,6 @@ def main() -> None:
         tmp = Path(tmp)
         weights = args.weights
         if weights is None:
-            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-            from conftest import random_state_dict
-
-            from deeplab_cli.weights import save_weights
-
             weights = tmp / "random.safetensors"
             save_weights(random_state_dict(), weights, "largefov")
         lo, hi = map(int, args.sides.split("-"))

@@ -1,8 +1,8 @@
 """Caffe files at LargeFOV size (82 MB, seeded random weights): reading, and writing with raw vs float-typed payloads.
 
 Seconds, medians over interleaved runs on the same weights, plus the ratio:
-- read:        caffe.parse_caffemodel (Caffe's field types; upb hands numpy the packed floats)
-- write raw:   caffe.caffemodel_bytes (BlobProto.data declared `repeated bytes`, filled with ndarray.tobytes())
+- read:        weightfiles.caffe.parse_caffemodel (Caffe's field types; upb hands numpy the packed floats)
+- write raw:   testing.caffemodel_bytes (BlobProto.data declared `repeated bytes`, filled with ndarray.tobytes())
 - write float: the same messages declared as Caffe does (`repeated float`), filled with ndarray.tolist()
 Also the whole `convert_caffemodel` (read, sha256, check, write .safetensors) once.
 
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from deeplab_cli.caffe import caffemodel_bytes, convert_caffemodel, messages, parse_caffemodel
-from deeplab_cli.model import DeepLab
-from deeplab_cli.weights import LAYER_ORDER
+from deeplab_cli.model import LAYER_ORDER, DeepLab
+from deeplab_cli.testing import caffemodel_bytes
+from deeplab_cli.weightfiles.caffe import convert_caffemodel, messages, parse_caffemodel
 
 
 def random_weights(arch: str) -> dict[str, torch.Tensor]:

@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from deeplab_cli.crf import PRESETS, dense_crf_pydensecrf
-from deeplab_cli.permutohedral import dense_crf_torch, random_smooth_probs
+from deeplab_cli.permutohedral import dense_crf_torch
+from deeplab_cli.testing import random_smooth_probs
 
 
 def photo(width: int, height: int) -> np.ndarray:

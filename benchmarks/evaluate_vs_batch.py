@@ -24,7 +24,7 @@ from PIL import Image
 
 from deeplab_cli.io import write_mask
 from deeplab_cli.model import DeepLab
-from deeplab_cli.weights import save_weights
+from deeplab_cli.weightfiles.formats import save_weights
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 

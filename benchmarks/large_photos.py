@@ -100,8 +100,8 @@ def main() -> None:
     parser.add_argument("--no-stages", action="store_true", help="skip the in-process stage split")
     opts = parser.parse_args()
 
-    from deeplab_cli.benchmark import random_model
-    from deeplab_cli.weights import save_weights
+    from deeplab_cli.testing import random_model
+    from deeplab_cli.weightfiles.formats import save_weights
 
     tmp = Path(tempfile.mkdtemp(prefix="deeplab-large-"))
     weights = tmp / "random.safetensors"

@@ -89,7 +89,7 @@ def stage_costs(weights: Path, count: int, work: Path) -> dict[str, float]:
     from deeplab_cli.io import decode_photo, encode_mask_png, read_bytes, write_bytes
     from deeplab_cli.numpy_transforms import probs_from_scores
     from deeplab_cli.pipeline import Segmenter
-    from deeplab_cli.ray_stages import refine_pydensecrf
+    from deeplab_cli.batch.ray_stages import refine_pydensecrf
     from deeplab_cli.resolution import upsample_labels
 
     torch.set_num_threads(1)
@@ -148,11 +148,8 @@ def main() -> None:
 
 def _write_random_weights(path: Path) -> None:
     """A LargeFOV with seeded random weights (21 classes)."""
-    try:
-        from deeplab_cli.testing import random_model
-    except ImportError:  # before the test helpers moved out of benchmark.py
-        from deeplab_cli.benchmark import random_model
-    from deeplab_cli.weights import save_weights
+    from deeplab_cli.testing import random_model
+    from deeplab_cli.weightfiles.formats import save_weights
 
     save_weights(random_model("largefov", 21, 0).state_dict(), path, "largefov", {"source": "random (benchmark)"})
 

@@ -1,13 +1,13 @@
 """`deeplab benchmark`: how fast each stage of the pipeline runs on this machine, and at what accuracy cost.
 
     report = run_benchmark(BenchmarkOptions(size=(513, 513), iters=5))   # a JSON-able dict (keys in README)
-    render_report(report, stderr_console())
+    console.render_benchmark(report, console.stderr_console())         # the command's tables (console.py)
 
 Every figure is a median over `iters` timed runs after `warmup` untimed ones, with min and max, in
 milliseconds per image. On CUDA the device is synchronised before and after every timed section, so
 queued kernels are charged to the stage that launched them. Speed does not depend on weight values:
 without a weights file (--weights, $DEEPLAB_WEIGHTS or the cached default model) the real architecture runs
-with seeded random (He-initialised) weights.
+with seeded random (He-initialised) weights (testing.random_model).
 """
 
 from __future__ import annotations
@@ -30,26 +30,17 @@ from .errors import UsageError
 from .io import decode_image, encode_mask_png, is_image_path, read_bytes
 from .model import ARCHS, DeepLab
 from .palette import load_class_names
-from .pipeline import PRECISIONS, Segmenter, select_device
-from .weights import (
-    WEIGHTS_ENV,
-    build_model,
-    cached_model_path,
-    load_weights,
-    resolve_weights,
-)
+from .pipeline import Segmenter, select_device, torch_dtype
+from .precision import check_precision
+from .stages import BENCHMARK_STAGES as STAGES
+from .stages import STAGE_LABELS as _ALL_LABELS
+from .testing import random_model
+from .weightfiles.cache import WEIGHTS_ENV, cached_model_path, resolve_weights
+from .weightfiles.formats import build_model, load_weights
 
 T = TypeVar("T")
 
-STAGES: tuple[str, ...] = ("decode", "preprocess", "network", "upsample", "crf", "encode")
-STAGE_LABELS: dict[str, str] = {
-    "decode": "decode",
-    "preprocess": "preprocess + transfer",
-    "network": "network",
-    "upsample": "upsample + softmax",
-    "crf": "CRF",
-    "encode": "argmax + encode",
-}
+STAGE_LABELS: dict[str, str] = {stage: _ALL_LABELS[stage] for stage in STAGES}
 AGREEMENT_THRESHOLD = 0.995  # a variant whose labels agree less often with fp32 is not "correct"
 CRF_BACKENDS: tuple[str, ...] = tuple(b for b in BACKENDS if b != "auto")
 
@@ -85,8 +76,6 @@ class BenchmarkOptions:
         for name, value, low in (("--batch-size", self.batch_size, 1), ("--iters", self.iters, 1), ("--warmup", self.warmup, 0)):
             if value < low:
                 raise UsageError(f"{name} {value}: must be at least {low}")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise UsageError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
         if self.arch is not None and self.arch not in ARCHS:
             raise UsageError(f"unknown architecture {self.arch!r}; choose one of: {', '.join(ARCHS)}")
         if self.crf_backend not in BACKENDS:
@@ -188,19 +177,6 @@ def variant_name(precision: str, channels_last: bool) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Inputs
-
-
-def random_model(arch: str = "largefov", num_classes: int = 21, seed: int = 0) -> DeepLab:
-    """A DeepLab with seeded He-normal weights and small biases (activations stay in range through all layers)."""
-    gen = torch.Generator().manual_seed(seed)
-    model = DeepLab(arch, num_classes)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("weight"):
-                param.copy_(torch.randn(param.shape, generator=gen) * (2.0 / param[0].numel()) ** 0.5)
-            else:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-    return model.eval()
 
 
 def _smooth_noise(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
@@ -465,7 +441,7 @@ def time_variants(model: DeepLab, device: torch.device, images: Sequence[np.ndar
             reference = labels
         agree = float(np.mean(np.concatenate([(a == b).ravel() for a, b in zip(labels, reference)])))
         if precision not in matmul:
-            matmul[precision] = matmul_gflops(device, PRECISIONS[precision])
+            matmul[precision] = matmul_gflops(device, torch_dtype(precision))
         median = statistics.median(seconds)
         gflops = flops * opts.batch_size / median / 1e9
         results.append({
@@ -526,8 +502,7 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
     opts.validate()
     log = log or (lambda message: None)
     device = select_device(opts.device)
-    if opts.precision == "fp16" and device.type == "cpu":
-        raise UsageError("fp16 is only offered on CUDA; use fp32 or bf16 on the CPU")
+    check_precision(opts.precision, device.type)
     source = image_source(opts)
     model, weights = load_model(opts)
     if weights is None:
@@ -552,7 +527,7 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
         per_run_no_crf = [sum(runs[s][i] for s in STAGES if s != "crf") for i in range(opts.iters)]
         per_run = [a + (runs["crf"][i] if runs["crf"] else 0.0) for i, a in enumerate(per_run_no_crf)]
         network_s = statistics.median(runs["network"])
-        matmul = {seg.precision: matmul_gflops(device, PRECISIONS[seg.precision])}
+        matmul = {seg.precision: matmul_gflops(device, torch_dtype(seg.precision))}
         gflops = flops * opts.batch_size / network_s / 1e9
         report["stages"] = {s: spread_ms(runs[s], opts.batch_size) if runs[s] else None for s in STAGES}
         report["end_to_end"] = {
@@ -587,89 +562,3 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
             probs = probs_of(probe, probe.scores(probe.prepare(images[:1], input_size)), [images[0].shape[:2]])[0]
         report["crf_compare"] = compare_crf(images[0], probs, opts.crf, device, opts, clock, status, log)
     return report
-
-
-# ---------------------------------------------------------------------------------------------
-# Rendering
-
-
-def _ms(stats: dict[str, float] | None) -> tuple[str, str, str]:
-    if stats is None:
-        return ("skipped", "", "")
-    return (f"{stats['median_ms']:.1f}", f"{stats['min_ms']:.1f}", f"{stats['max_ms']:.1f}")
-
-
-def render_report(report: dict[str, Any], console: Any) -> None:
-    """Print the report as rich tables on a console (meant for stderr)."""
-    from rich.table import Table
-
-    env = report["environment"]
-    info = Table(title="deeplab benchmark", show_header=False, box=None, pad_edge=False)
-    info.add_column(style="bold", no_wrap=True)
-    info.add_column()
-    load = env.get("load_average")
-    rows = [
-        ("device", f"{env['device']} ({env['device_name']})"),
-        ("torch", f"{env['torch']}, {env['threads']} threads, {env['cpu_count']} CPUs"
-                  + (f", load {load[0]:.2f}" if load else "")),
-        ("model", f"{env['arch']}, {env['num_classes']} classes, "
-                  + ("random weights" if env["random_weights"] else str(env["weights"]))),
-        ("precision", env["precision"] + (" + channels_last" if env["channels_last"] else "")),
-        ("size", f"{format_size(env['image_size'])} (network input {format_size(env['input_size'])}), batch {env['batch_size']}"),
-        ("runs", f"{env['iters']} timed (medians, min/max) after {env['warmup']} warm-up; images: {env['images']}"),
-        ("CRF", f"{env['crf_backend']}, {env['crf']['iterations']} iterations" if env["crf_backend"] else "off"),
-    ]
-    if env["device"].startswith("cuda"):
-        rows.append(("CUDA", f"{env['cuda']}, cuDNN {env['cudnn']}, TF32 conv {env['tf32_conv']} / matmul {env['tf32_matmul']}"))
-    for key, value in rows:
-        info.add_row(key, value)
-    console.print(info)
-
-    if "stages" in report:
-        stages = Table(title="ms per image")
-        stages.add_column("stage", no_wrap=True)
-        for name in ("median", "min", "max"):
-            stages.add_column(name, justify="right")
-        for stage in STAGES:
-            stages.add_row(STAGE_LABELS[stage], *_ms(report["stages"][stage]))
-        stages.add_section()
-        stages.add_row("end to end, no CRF", *_ms(report["end_to_end"]["without_crf"]))
-        stages.add_row("end to end, with CRF", *_ms(report["end_to_end"]["with_crf"]))
-        console.print(stages)
-        fps, g = report["fps"], report["gflops"]
-        e2e = f"{fps['end_to_end']:.2f} fps with CRF, " if fps["end_to_end"] is not None else ""
-        console.print(f"network {fps['network']:.2f} fps; end to end {e2e}{fps['end_to_end_without_crf']:.2f} fps without")
-        console.print(f"network {g['network_gflop_per_image']:.1f} GFLOP/image at {g['network']:.1f} GFLOP/s = "
-                      f"{100 * g['fraction_of_matmul']:.0f}% of this device's {g['matmul_dtype']} matmul "
-                      f"{g['matmul']:.1f} GFLOP/s (measured in this run)")
-
-    if report.get("variants"):
-        table = Table(title="network by precision (same input)")
-        table.add_column("variant", no_wrap=True)
-        for name in ("ms/image", "min-max", "GFLOP/s", "% matmul", "agree fp32"):
-            table.add_column(name, justify="right")
-        for v in report["variants"]:
-            n = v["network"]
-            table.add_row(variant_name(v["precision"], v["channels_last"]), f"{n['median_ms']:.1f}",
-                          f"{n['min_ms']:.0f}-{n['max_ms']:.0f}", f"{v['gflops']:.1f}",
-                          f"{100 * v['fraction_of_matmul']:.0f}%", f"{100 * v['agreement']:.2f}%")
-        console.print(table)
-        rec = report["recommended"]
-        console.print(f"fastest with ≥ {100 * rec['agreement_threshold']:.1f}% argmax agreement: "
-                      f"{variant_name(rec['precision'], rec['channels_last'])}"
-                      + (" (random weights: agreement is only indicative)" if env["random_weights"] else ""))
-
-    if "crf_compare" in report:
-        cmp = report["crf_compare"]
-        for backend, why in cmp["unavailable"].items():
-            console.print(f"CRF backend {backend} is not available: {why}", markup=False, highlight=False)
-        table = Table(title=f"CRF backends, {format_size(cmp['image_size'])}")
-        table.add_column("backend", no_wrap=True)
-        for name in ("median ms", "min", "max", f"speed vs {cmp['reference']}", "agree"):
-            table.add_column(name, justify="right")
-        for r in cmp["backends"]:
-            table.add_row(f"{r['backend']} ({r['device']})", *_ms(r["crf"]), f"{r['speedup']:.2f}x",
-                          f"{100 * r['agreement']:.2f}%")
-        console.print(table)
-        if len(cmp["available"]) < 2:
-            console.print(f"only {', '.join(cmp['available']) or 'no backend'} available: nothing to compare side by side")

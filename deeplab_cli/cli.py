@@ -14,17 +14,11 @@ from typing import Any
 import click
 
 from . import __version__
+from .archs import ARCHS
+from .crf import BACKENDS, PRESETS
 from .errors import DeeplabError, UsageError
-
-CRF_PRESET_NAMES = ("largefov", "msc-largefov", "deeplab", "msc")  # keys of crf.PRESETS (kept light here)
-DEFAULT_MAX_SIDE = 513  # resolution.DEFAULT_MAX_SIDE (kept light here)
-
-
-def stderr_console():
-    """A rich console on stderr (progress, logs, tables meant for people)."""
-    from rich.console import Console
-
-    return Console(stderr=True, soft_wrap=True)  # a long path stays on one line
+from .precision import PRECISIONS
+from .resolution import DEFAULT_MAX_SIDE
 
 
 def fail(message: str, code: int) -> None:
@@ -103,14 +97,14 @@ model_options = _stack(
                  "Default: $DEEPLAB_WEIGHTS, then the cached default model, downloaded on first use."),
     click.option("--offline", is_flag=True, envvar="DEEPLAB_OFFLINE",
                  help="Never touch the network: fail instead of downloading the default model ($DEEPLAB_OFFLINE=1)."),
-    click.option("--max-side", type=MaxSide(), default="513", show_default=True,
+    click.option("--max-side", type=MaxSide(), default=str(DEFAULT_MAX_SIDE), show_default=True,
                  help="Working resolution: photos whose longer side exceeds N pixels run downscaled to N (the "
                       "paper's scale, network and CRF alike); masks and overlays stay at full size. "
                       "'none' = full resolution (refused up front when it would not fit in memory)."),
-    click.option("--arch", type=click.Choice(["largefov", "deeplab"]), default=None,
+    click.option("--arch", type=click.Choice(list(ARCHS)), default=None,
                  help="Architecture (default: the weights file's metadata, else largefov)."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-    click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+    click.option("--precision", type=click.Choice(list(PRECISIONS)), default=None,
                  help="Network precision (default: fp16 on CUDA, fp32 on CPU)."),
     click.option("--pad-to", type=click.IntRange(min=1), default=None,
                  help="Pad every image to this square size (513 reproduces the VOC test scripts)."),
@@ -123,7 +117,7 @@ legend_option = click.option("--legend/--no-legend", default=True, show_default=
 
 crf_options = _stack(
     click.option("--no-crf", is_flag=True, help="Skip the CRF (argmax of the network's probabilities)."),
-    click.option("--crf-preset", type=click.Choice(CRF_PRESET_NAMES), default="largefov", show_default=True,
+    click.option("--crf-preset", type=click.Choice(list(PRESETS)), default="largefov", show_default=True,
                  help="CRF parameters cross-validated for a model (the paper's per-model values)."),
     click.option("--crf-iterations", type=click.IntRange(min=0), default=None, help="Mean-field iterations [10]."),
     click.option("--bi-w", type=float, default=None, help="Bilateral kernel weight w1 [preset]."),
@@ -131,7 +125,7 @@ crf_options = _stack(
     click.option("--bi-rgb", type=float, default=None, help="Bilateral σβ, intensity levels [preset]."),
     click.option("--pos-w", type=float, default=None, help="Gaussian kernel weight w2 [3]."),
     click.option("--pos-xy", type=float, default=None, help="Gaussian σγ, pixels [3]."),
-    click.option("--crf-backend", type=click.Choice(["auto", "pydensecrf", "torch"]), default="auto", show_default=True,
+    click.option("--crf-backend", type=click.Choice(list(BACKENDS)), default="auto", show_default=True,
                  help="CRF implementation (auto: torch; pydensecrf for CPU worker pools in batch/evaluate)."),
 )
 
@@ -147,10 +141,9 @@ pipeline_options = _stack(
                  help="torch threads for the network [torch's default: the core count]."),
 )
 
+
 def crf_params_from(opts: dict[str, Any]):
     """CRFParams from the shared CRF options, or None with --no-crf."""
-    from .crf import PRESETS
-
     if opts.get("no_crf"):
         return None
     params = PRESETS[opts["crf_preset"]].with_overrides(
@@ -164,13 +157,16 @@ def crf_params_from(opts: dict[str, Any]):
 
 
 def weights_from(opts: dict[str, Any]):
-    """The weights (and class names, or None for VOC's) that the shared model options name; fetched on first use."""
-    from .download import resolve_or_fetch
+    """(weights, class names or None for VOC's) that the shared model options name; the default model is fetched
+    on first use, with a progress bar."""
+    from .console import DownloadProgress, stderr_console
     from .palette import load_class_names
-    from .weights import load_weights
+    from .weightfiles.fetch import resolve_or_fetch
+    from .weightfiles.formats import load_weights
 
-    weights = load_weights(resolve_or_fetch(opts.get("weights"), offline=opts.get("offline", False)),
-                           arch=opts.get("arch"))
+    with DownloadProgress(stderr_console()) as progress:  # shown only when the first run downloads the model
+        path = resolve_or_fetch(opts.get("weights"), offline=opts.get("offline", False), progress=progress)
+    weights = load_weights(path, arch=opts.get("arch"))
     names = load_class_names(opts.get("classes_file"), weights.num_classes) if opts.get("classes_file") else None
     return weights, names
 
@@ -201,11 +197,12 @@ def _side_text(max_side: int | None) -> str:
     return f"max side {max_side}" if max_side else "full resolution"
 
 
-def ray_engine_from(opts: dict[str, Any], **pipeline: Any):
-    """engine(jobs, on_interrupt) → a ray_engine.RayRun for `batch --engine ray`; weights load on the first call."""
-    from .ray_engine import RayOptions, RayRun
+def ray_engine_from(opts: dict[str, Any], **pipeline: Any) -> Callable[[list], Any]:
+    """engine(jobs) → a batch.ray_engine.RayRun for `batch --engine ray`; the weights load at the call (nothing to
+    do: never)."""
+    from .batch.ray_engine import RayOptions, RayRun
 
-    def engine(jobs: list, on_interrupt: Callable[[], None]) -> RayRun:
+    def engine(jobs: list) -> RayRun:
         weights, _ = weights_from(opts)
         click.echo(f"deeplab: {weights.path} ({weights.arch}, {weights.num_classes} classes), "
                    f"{_side_text(opts.get('max_side', DEFAULT_MAX_SIDE))}, on Ray", err=True)
@@ -215,13 +212,6 @@ def ray_engine_from(opts: dict[str, Any], **pipeline: Any):
                       log=lambda message: click.echo(f"deeplab: {message}", err=True))
 
     return engine
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return a != "-" and b != "-" and Path(a).resolve() == Path(b).resolve()
-    except OSError:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,10 +230,10 @@ def _same_file(a: str, b: str) -> bool:
 @crf_options
 def segment(image: str, output: str, overlay: str | None, save_probs: str | None, legend: bool, **opts: Any) -> None:
     """Segment one IMAGE ('-' for stdin) into a VOC-coloured palette PNG mask."""
-    from .io import overlay_image, read_photo, write_image, write_mask, write_probs
+    from .io import overlay_image, read_photo, same_file, write_image, write_mask, write_probs
 
     for out in (output, overlay, save_probs):
-        if out and _same_file(image, out):
+        if out and same_file(image, out):
             raise UsageError(f"{out}: refusing to overwrite the input image")
     if image != "-" and not Path(image).exists():
         raise UsageError(f"{image}: no such file")
@@ -282,52 +272,49 @@ def segment(image: str, output: str, overlay: str | None, save_probs: str | None
 @click.option("--no-progress", is_flag=True, help="No live progress bar (the summary is still printed).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this machine's streaming pipeline. ray: Ray Data on $RAY_ADDRESS's cluster (else a private "
-                   "local Ray), inputs and -o may then be s3:// or gs:// URLs; needs pip install 'deeplab-cli[ray]'.")
+                   "local Ray); inputs and -o may then be s3:// or gs:// URLs. Needs pip install 'deeplab-cli[ray]'.")
 @model_options
 @crf_options
 @pipeline_options
 def batch(inputs: tuple[str, ...], output: str | None, from_list: str | None, recursive: bool, overwrite: bool, overlay: bool,
-          save_probs: bool, report: str | None, no_progress: bool, engine: str, batch_size: int | None,
-          crf_workers: int | None, net_threads: int | None, **opts: Any) -> None:
+          save_probs: bool, report: str | None, batch_size: int | None, crf_workers: int | None,
+          net_threads: int | None, no_progress: bool, engine: str, **opts: Any) -> None:
     """Segment every image in folders, globs or a list into masks mirroring the tree under -o.
 
     Resumable: outputs already complete are skipped. Exit code 0 when all succeeded, 1 when any image
     failed (listed in the summary and --report), 130 when interrupted (Ctrl-C finishes the images in flight).
     """
-    from .batch import (
-        check_output_dir, default_output_dir, discover_inputs, exit_on_next_interrupt, print_summary, segment_tree,
-    )
-    from .remote_inputs import discover_urls, plan_url_jobs
+    from .batch import check_output_dir, default_output_dir, discover_inputs, exit_on_next_interrupt, segment_tree
+    from .batch.remote_inputs import discover_urls, plan_url_jobs
+    from .console import BatchProgress, on_interrupt, print_summary, say, stderr_console
     from .storage import is_url
 
     if not inputs and from_list is None:
         raise UsageError("give input folders, globs or images, or --from-list FILE")
     console = stderr_console()
 
-    def warn(message: str) -> None:
-        console.print(f"deeplab: {message}", markup=False, highlight=False, soft_wrap=True)
-
     if output is None:
         output = str(default_output_dir(inputs, from_list))
-        warn(f"writing to {output} (no -o given)")
+        say(console, f"writing to {output} (no -o given)")
     check_output_dir(output, inputs)
-
     urls = [source for source in inputs if is_url(source)]
     if engine != "ray" and (urls or is_url(output)):
         raise UsageError("inputs or outputs named by URL (s3://, gs://, ...) need --engine ray")
     local = [source for source in inputs if not is_url(source)]
-    found = discover_inputs(local, recursive=recursive, from_list=from_list, exclude=output, warn=warn) if (
-        local or from_list is not None) else []
+    found = discover_inputs(local, recursive=recursive, from_list=from_list, exclude=output,
+                            warn=lambda message: say(console, message)) if local or from_list is not None else []
     found += discover_urls(urls, recursive=recursive)
     jobs = plan_url_jobs(found, output, overlay=overlay, save_probs=save_probs)
     if not jobs:
-        warn("no images found")
+        say(console, "no images found")
     pipeline = dict(batch_size=batch_size, crf_workers=crf_workers, net_threads=net_threads)
     try:
-        summary = segment_tree(
-            jobs, lambda: segmenter_from(opts, in_pool=True), overwrite=overwrite, report=report, console=console,
-            progress=not no_progress, engine=ray_engine_from(opts, **pipeline) if engine == "ray" else None, **pipeline,
-        )
+        with BatchProgress(console, enabled=not no_progress) as progress:
+            summary = segment_tree(
+                jobs, lambda: segmenter_from(opts, in_pool=True), overwrite=overwrite, report=report,
+                on_start=progress.on_start, on_result=progress.on_result, on_interrupt=on_interrupt(console),
+                engine=ray_engine_from(opts, **pipeline) if engine == "ray" else None, **pipeline,
+            )
     finally:
         exit_on_next_interrupt(130)  # the run is over (or aborted): another Ctrl-C just ends the process
     print_summary(summary, console)
@@ -359,8 +346,9 @@ def evaluate(root: str | None, split: str, images_dir: str | None, labels_dir: s
     """
     import json
 
-    from .evaluate import CRF_CHOICES, dataset_from, evaluate_with_progress, evaluation_report, results_table
-    from .weights import resolve_weights
+    from .console import evaluate_with_progress, results_table, say, stderr_console, stdout_console
+    from .evaluate import CRF_CHOICES, dataset_from, evaluation_report
+    from .weightfiles.cache import resolve_weights
 
     if opts.get("no_crf"):
         if crf_mode == "both":
@@ -375,16 +363,14 @@ def evaluate(root: str | None, split: str, images_dir: str | None, labels_dir: s
     result = evaluate_with_progress(seg, dataset, CRF_CHOICES[crf_mode], limit, None if no_progress else console,
                                     batch_size=batch_size, crf_workers=crf_workers, net_threads=net_threads)
     for problem in result.problems:
-        console.print(f"deeplab: skipped {problem.path}: {problem.reason}", markup=False, highlight=False)
+        say(console, f"skipped {problem.path}: {problem.reason}")
     if as_json:
         report = evaluation_report(result, dataset, seg, limit, str(resolve_weights(opts.get("weights"))))
         click.echo(json.dumps(report, indent=2))
         means = ", ".join(f"{100 * result.scores(m).miou:.2f}% {m.replace('_', ' ')}" for m in result.modes)
-        console.print(f"deeplab: mIoU {means} over {len(result.scored)} images", markup=False, highlight=False)
+        say(console, f"mIoU {means} over {len(result.scored)} images")
     else:
-        from rich.console import Console
-
-        Console(highlight=False).print(results_table(result))
+        stdout_console().print(results_table(result))
     if result.interrupted:
         fail(f"interrupted: the scores cover only {len(result.scored)} of {result.total} images", 130)
     if not result.scored:
@@ -419,39 +405,29 @@ def refine(image: str, source: str, output: str, overlay: str | None, save_probs
     With two folders, every image is matched to the input of the same relative name (a/x.jpg ↔ a/x.npy)
     and the masks go to OUT_DIR/a/x.png.
     """
-    from .refine import RefineOptions, crf_runtime, refine_file, refine_folder
+    from .refine import RefineOptions, check_file_run, check_folder_run, crf_runtime, refine_file, refine_folder
 
     backend, crf_device = crf_runtime(opts.get("crf_backend", "auto"), device, in_pool=Path(image).is_dir())
     options = RefineOptions(
         params=crf_params_from(opts), backend=backend, device=crf_device, logits=logits, labels_in=labels_in,
         confidence=confidence, num_classes=num_classes,
     ).validate()
-    if Path(image).is_dir():
-        if not Path(source).is_dir():
-            raise UsageError(f"{source}: not a directory (IMAGE is a folder, so the inputs must be one too)")
-        if output == "-" or Path(output).is_file():
-            raise UsageError(f"{output}: with folders, -o names an output folder")
-        out_dirs = [Path(d).resolve() for d in (output, overlay, save_probs) if d]
-        if any(d in (Path(image).resolve(), Path(source).resolve()) for d in out_dirs):
-            raise UsageError("output folders must differ from the input folders")
-        console = stderr_console()
-        result = refine_folder(image, source, output, overlay, save_probs, options, console, crf_workers)
-        for path, reason in result.failures:
-            console.print(f"deeplab: failed {path}: {reason}", markup=False, highlight=False)
-        console.print(f"deeplab: {len(result.written)} mask(s) written to {output}, {len(result.failures)} failed",
-                      markup=False, highlight=False)
-        if result.failures:
-            sys.exit(1)
+    if not Path(image).is_dir():
+        check_file_run(image, source, output, overlay, save_probs)
+        refine_file(image, source, output, overlay, save_probs, options)
         return
-    for inp in (image, source):
-        if inp != "-" and not Path(inp).exists():
-            raise UsageError(f"{inp}: no such file")
-        for out in (output, overlay, save_probs):
-            if out and _same_file(inp, out):
-                raise UsageError(f"{out}: refusing to overwrite the input {inp}")
-    if image == "-" and source == "-":
-        raise UsageError("only one of IMAGE and PROBS can be read from stdin")
-    refine_file(image, source, output, overlay, save_probs, options)
+    from .console import RefineProgress, say, stderr_console
+
+    check_folder_run(image, source, output, overlay, save_probs)
+    console = stderr_console()
+    with RefineProgress(console) as progress:
+        result = refine_folder(image, source, output, overlay, save_probs, options, crf_workers,
+                               on_start=progress.on_start, on_pair=progress.on_pair)
+    for path, reason in result.failures:
+        say(console, f"failed {path}: {reason}")
+    say(console, f"{len(result.written)} mask(s) written to {output}, {len(result.failures)} failed")
+    if result.failures:
+        sys.exit(1)
 
 
 @main.group()
@@ -463,15 +439,15 @@ def weights() -> None:
 @click.argument("model", metavar="MODEL.caffemodel")
 @click.option("-o", "--output", metavar="OUT.safetensors", default=None,
               help="Where to write (default: the cached default model, which `deeplab segment` then uses).")
-@click.option("--arch", type=click.Choice(["largefov", "deeplab"]), default=None,
+@click.option("--arch", type=click.Choice(list(ARCHS)), default=None,
               help="Architecture (default: detected from fc6's shape).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
 def weights_convert(model: str, output: str | None, arch: str | None, as_json: bool) -> None:
     """Convert a Caffe .caffemodel (no Caffe needed) to .safetensors with arch, classes and source sha256."""
     import json
 
-    from .caffe import convert_caffemodel
-    from .weights import cached_model_path
+    from .weightfiles.cache import cached_model_path
+    from .weightfiles.caffe import convert_caffemodel
 
     if not Path(model).is_file():
         raise UsageError(f"{model}: no such file")
@@ -488,7 +464,7 @@ def weights_convert(model: str, output: str | None, arch: str | None, as_json: b
 @click.argument("name", required=False, metavar="[NAME]")
 @click.option("--url", default=None, help="Download from this URL (a mirror) instead of the manifest's.")
 @click.option("--sha256", default=None, metavar="HEX", help="Pin the expected sha256 of the downloaded file.")
-@click.option("--arch", type=click.Choice(["largefov", "deeplab"]), default=None,
+@click.option("--arch", type=click.Choice(list(ARCHS)), default=None,
               help="Architecture (default: the manifest's, else detected from fc6's shape).")
 @click.option("--force", is_flag=True, help="Download again even when the model is already in the cache.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -498,9 +474,11 @@ def weights_fetch(name: str | None, url: str | None, sha256: str | None, arch: s
     """Download a known model (default largefov-voc12), verify its sha256, convert it into the cache."""
     import json
 
-    from .download import fetch
+    from .console import DownloadProgress, stderr_console
+    from .weightfiles.fetch import fetch
 
-    result = fetch(name, url=url, sha256=sha256, force=force, quiet=quiet, arch=arch)
+    with DownloadProgress(stderr_console(), enabled=not quiet) as progress:
+        result = fetch(name, url=url, sha256=sha256, force=force, quiet=quiet, arch=arch, progress=progress)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
 
@@ -511,24 +489,16 @@ def weights_list(as_json: bool) -> None:
     """The known models and what the cache holds (verified against the sha256 recorded by fetch)."""
     import json
 
-    from .download import list_models
-    from .weights import cache_dir
+    from .weightfiles.cache import cache_dir
+    from .weightfiles.fetch import list_models
 
     rows = list_models()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
+    from .console import models_table, stdout_console
 
-    table = Table(title=f"cache: {cache_dir()}", title_justify="left")
-    for col in ("name", "arch", "status", "sha256"):
-        table.add_column(col, no_wrap=col != "status")
-    for r in rows:
-        sha = r["published_sha256"] or r["recorded_sha256"]
-        sha = f"{sha[:16]}… ({'published' if r['published_sha256'] else 'recorded'})" if sha else "none published"
-        table.add_row(r["name"], r["arch"] or "-", r["status"], sha)
-    Console(highlight=False).print(table)
+    stdout_console().print(models_table(rows, cache_dir()))
 
 
 @weights.command("info")
@@ -538,7 +508,7 @@ def weights_info(file: str, as_json: bool) -> None:
     """What a weights file holds: format, arch, classes, parameter count, metadata, sha256."""
     import json
 
-    from .weights import describe_weights
+    from .weightfiles.info import describe_weights
 
     info = describe_weights(file)
     if as_json:
@@ -574,7 +544,8 @@ def benchmark(fps: bool, compare: bool, size: str, batch_size: int, iters: int, 
     """Measure the speed of every pipeline stage on this machine (random weights unless --weights)."""
     import json
 
-    from .benchmark import BenchmarkOptions, parse_size, render_report, run_benchmark
+    from .benchmark import BenchmarkOptions, parse_size, run_benchmark
+    from .console import render_benchmark, say, stderr_console
 
     crf = crf_params_from({**opts, "no_crf": False})  # --compare times the CRF even with --no-crf
     options = BenchmarkOptions(
@@ -585,8 +556,8 @@ def benchmark(fps: bool, compare: bool, size: str, batch_size: int, iters: int, 
         compare=compare,
     )
     console = stderr_console()
-    report = run_benchmark(options, log=lambda m: console.print(f"deeplab: {m}", markup=False, highlight=False))
-    render_report(report, console)
+    report = run_benchmark(options, log=lambda message: say(console, message))
+    render_benchmark(report, console)
     if as_json:
         click.echo(json.dumps(report))
 

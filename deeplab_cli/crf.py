@@ -1,17 +1,22 @@
-"""The fully connected CRF (Krähenbühl & Koltun 2011) that refines DeepLab's probabilities.
+"""The fully connected CRF (Krähenbühl & Koltun 2011) that refines DeepLab's probabilities: its parameters,
+the per-model presets, and the choice between two backends that compute the same model: `pydensecrf`
+(Krähenbühl's single-threaded C++ code) and `torch` (our permutohedral lattice in PyTorch,
+`permutohedral.py`, batched and GPU-capable). What the CRF takes is checked by `unary.py`.
 
-Two backends compute the same model: `pydensecrf` (Krähenbühl's single-threaded C++ code) and
-`torch` (our permutohedral lattice in PyTorch, `permutohedral.py`, batched and GPU-capable).
+numpy and the backends load on first use: the command line reads PRESETS and BACKENDS at `--help` time.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
-import numpy as np
+from .unary import check_image, check_probs, unary_from_probs
+
+if TYPE_CHECKING:
+    import numpy as np
 
 BACKENDS = ("auto", "pydensecrf", "torch")
-UNARY_CLIP = 1e-5  # pydensecrf.utils.unary_from_softmax's default: U = −log(max(p, 1e-5))
 
 
 @dataclass(frozen=True)
@@ -51,28 +56,15 @@ PRESETS: dict[str, CRFParams] = {
 }
 
 
-def unary_from_probs(probs: np.ndarray) -> np.ndarray:
-    """probs: (C, H, W) → unary energy (C, H·W) float32 C-contiguous, −log p clipped as pydensecrf does."""
-    p = np.asarray(probs, dtype=np.float32)
-    return np.ascontiguousarray(-np.log(np.clip(p, UNARY_CLIP, None)).reshape(p.shape[0], -1))
-
-
 def check_inputs(image: np.ndarray, probs: np.ndarray) -> None:
-    """Raise ValueError unless image is (H, W, 3) uint8 and probs finite (C, H, W) of the same size."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-    if probs.ndim != 3:
-        raise ValueError(f"probabilities must be (C, H, W), got shape {probs.shape}")
-    if probs.shape[1:] != image.shape[:2]:
-        raise ValueError(f"probabilities are {probs.shape[2]}×{probs.shape[1]} but the image is {image.shape[1]}×{image.shape[0]}")
-    if not np.issubdtype(probs.dtype, np.floating):
-        raise ValueError(f"probabilities must be floating point, got {probs.dtype}")
-    if not np.isfinite(probs).all():
-        raise ValueError("probabilities contain NaN or inf")
+    """Raise ValueError unless image is (H, W, 3) uint8 and probs finite float (C, H, W) of the same size."""
+    check_image(image)
+    check_probs(probs, image.shape[:2])
 
 
 def dense_crf_pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
     """image (H, W, 3) uint8 RGB, probs (C, H, W) → refined marginals Q (C, H, W) float32, via pydensecrf."""
+    import numpy as np
     import pydensecrf.densecrf as dcrf
 
     check_inputs(image, probs)

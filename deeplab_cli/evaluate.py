@@ -14,7 +14,6 @@ values beyond the model's) are reported per file and skipped, never fatal.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -24,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import batch
 from .errors import DeeplabError, UsageError
-from .io import IMAGE_EXTENSIONS, index_by_stem, read_label_image
+from .io import IMAGE_EXTENSIONS, match_folders, read_label_image
 from .palette import VOID
 
 if TYPE_CHECKING:
@@ -118,21 +118,15 @@ def folder_dataset(images_dir: str | os.PathLike, labels_dir: str | os.PathLike)
     for folder, option in ((images_dir, "--images"), (labels_dir, "--labels")):
         if not folder.is_dir():
             raise UsageError(f"{folder}: no such directory ({option})")
-    images = index_by_stem(images_dir, IMAGE_EXTENSIONS)
-    labels = index_by_stem(labels_dir, IMAGE_EXTENSIONS)
+    match = match_folders(images_dir, labels_dir, IMAGE_EXTENSIONS, IMAGE_EXTENSIONS)
     dataset = Dataset([], source={"layout": "folders", "images": str(images_dir), "labels": str(labels_dir)})
-    for key in sorted(images.keys() | labels.keys()):
-        ims, labs = images.get(key, []), labels.get(key, [])
-        if len(ims) > 1 or len(labs) > 1:
-            names = ", ".join(p.name for p in ims + labs)
-            where = str((ims or labs)[0].parent / key)
-            dataset.problems.append(Problem(key, where, f"ambiguous: several files share this name ({names})"))
-        elif not labs:
-            dataset.unmatched_images.append(key)
-        elif not ims:
-            dataset.unmatched_labels.append(key)
-        else:
-            dataset.samples.append(Sample(key, ims[0], labs[0]))
+    for key, paths in match.ambiguous:
+        names = ", ".join(p.name for p in paths)
+        where = str(paths[0].parent / key)
+        dataset.problems.append(Problem(key, where, f"ambiguous: several files share this name ({names})"))
+    dataset.unmatched_images = [key for key, _ in match.only_first]
+    dataset.unmatched_labels = [key for key, _ in match.only_second]
+    dataset.samples = [Sample(key, image, label) for key, image, label in match.pairs]
     return dataset
 
 
@@ -290,10 +284,8 @@ def predict_samples(
     the CRF ('crf'). Results arrive in completion order. Images that fail to decode or labels that cannot
     be used go to on_problem. pipeline: run_batch's options (batch_size, crf_workers, net_threads, ...).
     """
-    from .batch import Job, run_batch
-
-    jobs = (Job(sample.image, None, tag=sample) for sample in samples)  # outputs=None: nothing is written
-    run = run_batch(segmenter, jobs, **pipeline)
+    jobs = (batch.Job(sample.image, None, tag=sample) for sample in samples)  # outputs=None: nothing is written
+    run = batch.run_batch(segmenter, jobs, **{"use_crf": "crf" in modes, **pipeline})
     with contextlib.closing(run):
         for result in run:
             sample: Sample = result.job.tag
@@ -328,9 +320,6 @@ def evaluate(
         raise UsageError(f"unknown evaluation mode(s) {unknown}; choose from {', '.join(MODES)}")
     if "crf" in modes and segmenter.crf is None:
         raise UsageError("scoring with the CRF needs a segmenter with CRF parameters")
-    if "crf" not in modes and segmenter.crf is not None:
-        segmenter = copy.copy(segmenter)  # the same model, but the pipeline must not spend time on the CRF
-        segmenter.crf = None
     samples = dataset.samples[:limit] if limit is not None else dataset.samples
     result = Evaluation.empty(segmenter.class_names, modes)
     result.problems.extend(dataset.problems)  # found while listing: reported whatever the limit
@@ -352,7 +341,7 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------------
-# Presentation: the command's progress bar, results table and JSON report
+# The command's inputs and JSON report
 
 
 def dataset_from(
@@ -368,63 +357,6 @@ def dataset_from(
     if not root:
         raise UsageError("no dataset: give a VOC-layout folder (e.g. VOCdevkit/VOC2012) or --images DIR --labels DIR")
     return voc_dataset(root, split)
-
-
-def evaluate_with_progress(
-    segmenter: Segmenter, dataset: Dataset, modes: Sequence[str], limit: int | None = None, console: Any = None,
-    **pipeline: Any,
-) -> Evaluation:
-    """evaluate() with a progress bar (images, running mIoU, ETA) on console (a stderr rich Console), if given."""
-    if console is not None:
-        pipeline.setdefault("on_interrupt", lambda: console.print(
-            "[yellow]interrupted: finishing the images in flight (Ctrl-C again to abort)[/]"))
-    from rich.progress import (
-        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
-    )
-
-    total = min(len(dataset.samples), limit) if limit is not None else len(dataset.samples)
-    mode = "crf" if "crf" in modes else modes[0]
-    with Progress(
-        TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=console is None, transient=True,
-    ) as bar:
-        task = bar.add_task("evaluate", total=total, status="")
-
-        def update(ev: Evaluation) -> None:
-            miou = ev.scores(mode).miou
-            status = f"mIoU {100 * miou:.2f}%" if not math.isnan(miou) else ""
-            skipped = len(ev.problems) - len(dataset.problems)
-            if skipped:
-                status += f"  skipped {skipped}"
-            bar.update(task, completed=len(ev.scored) + skipped, status=status)
-
-        return evaluate(segmenter, dataset, modes, limit, update, **pipeline)
-
-
-MODE_TITLES = {"no_crf": "no CRF", "crf": "CRF"}
-
-
-def _pct(x: float) -> str:
-    return "—" if math.isnan(x) else f"{100 * x:.2f}"
-
-
-def results_table(evaluation: Evaluation):
-    """A rich Table: per-class IoU (%) for each mode, then mIoU, pixel accuracy and mean class accuracy."""
-    from rich.table import Table
-
-    scores = {m: evaluation.scores(m) for m in evaluation.modes}
-    table = Table(title=f"{len(evaluation.scored)} images scored, IoU %", title_justify="left")
-    table.add_column("#", justify="right")
-    table.add_column("class")
-    for mode in evaluation.modes:
-        table.add_column(f"{MODE_TITLES[mode]}", justify="right")
-    for i, name in enumerate(evaluation.class_names):
-        table.add_row(str(i), name, *(_pct(scores[m].iou[i]) for m in evaluation.modes))
-    table.add_section()
-    for label, attr in (("mean IoU", "miou"), ("pixel accuracy", "pixel_accuracy"),
-                        ("mean class accuracy", "mean_class_accuracy")):
-        table.add_row("", label, *(_pct(getattr(scores[m], attr)) for m in evaluation.modes), style="bold")
-    return table
 
 
 def evaluation_report(

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,36 @@ def index_by_stem(folder: str | os.PathLike, suffixes: frozenset[str]) -> dict[s
     return index
 
 
+@dataclass
+class FolderMatch:
+    """Two folders' files paired by relative path without suffix; the files left alone; keys with several files."""
+
+    pairs: list[tuple[str, Path, Path]] = field(default_factory=list)  # (key, first folder's file, second's)
+    only_first: list[tuple[str, Path]] = field(default_factory=list)
+    only_second: list[tuple[str, Path]] = field(default_factory=list)
+    ambiguous: list[tuple[str, list[Path]]] = field(default_factory=list)  # one key, several files (both folders')
+
+
+def match_folders(
+    first: str | os.PathLike, second: str | os.PathLike, first_suffixes: frozenset[str], second_suffixes: frozenset[str]
+) -> FolderMatch:
+    """Pair the files of two folders (searched recursively) by relative path without suffix, keys in sorted order:
+    photos/a/x.jpg ↔ labels/a/x.png; a key held by several files of one folder is ambiguous."""
+    a, b = index_by_stem(first, first_suffixes), index_by_stem(second, second_suffixes)
+    match = FolderMatch()
+    for key in sorted(a.keys() | b.keys()):
+        in_a, in_b = a.get(key, []), b.get(key, [])
+        if len(in_a) > 1 or len(in_b) > 1:
+            match.ambiguous.append((key, in_a + in_b))
+        elif not in_b:
+            match.only_first.append((key, in_a[0]))
+        elif not in_a:
+            match.only_second.append((key, in_b[0]))
+        else:
+            match.pairs.append((key, in_a[0], in_b[0]))
+    return match
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
@@ -64,6 +95,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when two paths (neither '-') name the same file."""
+    try:
+        return str(a) != STDIO and str(b) != STDIO and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .crf import UNARY_CLIP
+from .unary import UNARY_CLIP, check_image, check_probs
 
 CHUNK_BYTES = 2 << 30  # cap on the value buffers of one filtering pass (labels are chunked to fit)
 MAX_KEY = 1 << 62  # packed lattice keys must fit in int64
@@ -259,29 +259,18 @@ def build_lattice(features: torch.Tensor, image_ids: torch.Tensor | None = None,
 
 def _as_image(image: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """(H, W, 3) uint8 RGB, numpy or tensor → tensor on device; ValueError otherwise."""
+    check_image(image)
     t = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
-    if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.shape[2] != 3 or t.dtype != torch.uint8:
-        shape = tuple(getattr(image, "shape", ()))
-        raise ValueError(f"image must be (H, W, 3) uint8, got {shape} {getattr(image, 'dtype', type(image).__name__)}")
-    if t.shape[0] < 1 or t.shape[1] < 1:
-        raise ValueError(f"image is empty: {tuple(t.shape)}")
     return t.to(device)
 
 
 def _as_probs(probs: np.ndarray | torch.Tensor, hw: tuple[int, int], device: torch.device) -> torch.Tensor:
     """(C, H, W) floating probabilities, numpy or tensor → float32 tensor on device; ValueError if bad."""
     t = torch.from_numpy(np.asarray(probs)) if isinstance(probs, np.ndarray) else probs
-    if not isinstance(t, torch.Tensor) or t.ndim != 3:
-        raise ValueError(f"probabilities must be (C, H, W), got shape {tuple(getattr(probs, 'shape', ()))}")
-    if not t.is_floating_point():
-        raise ValueError(f"probabilities must be floating point, got {t.dtype}")
-    if tuple(t.shape[1:]) != hw:
-        raise ValueError(f"probabilities are {t.shape[2]}×{t.shape[1]} but the image is {hw[1]}×{hw[0]}")
-    if t.shape[0] < 1:
-        raise ValueError("probabilities have no labels")
-    t = t.to(device=device, dtype=torch.float32)
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError("probabilities contain NaN or inf")
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"probabilities must be a numpy array or a tensor, got {type(probs).__name__}")
+    t = t.to(device=device, dtype=torch.float32) if t.is_floating_point() else t
+    check_probs(t, hw)
     return t
 
 
@@ -444,14 +433,3 @@ def _mean_field(images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor], i
         out.append(q[start : start + n].t().reshape(p.shape).contiguous())
         start += n
     return out
-
-
-def random_smooth_probs(height: int, width: int, labels: int, seed: int = 0, scale: float = 3.0) -> np.ndarray:
-    """Realistic synthetic DeepLab output for tests and benchmarks: (labels, H, W) float32 softmax of random
-    logits drawn at 1/8 resolution (N(0, scale²)) and upsampled 8× bilinearly (corners aligned, like Caffe's Interp)."""
-    gen = torch.Generator().manual_seed(seed)
-    hs, ws = (height - 1) // 8 + 2, (width - 1) // 8 + 2
-    logits = torch.randn((1, labels, hs, ws), generator=gen) * scale
-    up = torch.nn.functional.interpolate(logits, size=((hs - 1) * 8 + 1, (ws - 1) * 8 + 1), mode="bilinear",
-                                         align_corners=True)
-    return torch.softmax(up[0, :, :height, :width], dim=0).numpy()

@@ -22,11 +22,16 @@ from .errors import DeeplabError, UsageError
 from .memory import available_bytes, estimate_bytes, format_bytes
 from .model import DeepLab
 from .palette import load_class_names
+from .precision import PRECISIONS, check_precision
 from .resolution import DEFAULT_MAX_SIDE, downscale, upsample_labels, working_size
 from .transforms import padded_size, preprocess, scores_to_probs, to_tensor, upsample_scores
-from .weights import Weights, build_model, load_weights, resolve_weights
+from .weightfiles.cache import resolve_weights
+from .weightfiles.formats import Weights, build_model, load_weights
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a precision name (precision.PRECISIONS): 'bf16' → torch.bfloat16."""
+    return getattr(torch, PRECISIONS[precision])
 
 
 def select_device(spec: str = "auto") -> torch.device:
@@ -48,11 +53,6 @@ def select_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def default_precision(device: torch.device) -> str:
-    """The fastest precision whose labels agree with fp32 (see README): fp16 on CUDA, fp32 on the CPU."""
-    return "fp16" if device.type == "cuda" else "fp32"
-
-
 @dataclass
 class Segmentation:
     """One image's result: labels (H, W) uint8 at full size; probs (C, h, w) float32 before the CRF and
@@ -61,7 +61,7 @@ class Segmentation:
     labels: np.ndarray
     probs: np.ndarray
     crf_probs: np.ndarray | None = None
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (stages.STAGE_LABELS: network, crf)
 
 
 class Segmenter:
@@ -84,11 +84,7 @@ class Segmenter:
         max_side: int | None = DEFAULT_MAX_SIDE,
     ) -> None:
         self.device = device if isinstance(device, torch.device) else select_device(device)
-        self.precision = precision or default_precision(self.device)
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
-        if self.precision == "fp16" and self.device.type == "cpu":
-            raise UsageError("fp16 is only offered on CUDA; use fp32 or bf16 on the CPU")
+        self.precision = check_precision(precision, self.device.type)
         self.model = model.eval().to(self.device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -131,7 +127,7 @@ class Segmenter:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.precision == "fp32":
             return self.model(x)
-        with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision]):
+        with torch.autocast(self.device.type, dtype=torch_dtype(self.precision)):
             return self.model(x)
 
     @torch.inference_mode()

@@ -17,25 +17,25 @@ Inputs the CRF accepts, all checked against the image's size:
 from __future__ import annotations
 
 import os
-import signal
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .batch.crf_pool import CRFPool
 from .crf import CRFParams, dense_crf, resolve_backend
 from .errors import DeeplabError, UsageError
 from .io import (
-    IMAGE_EXTENSIONS, index_by_stem, overlay_image, read_image, read_label_image, read_probs, write_image, write_mask, write_probs,
+    IMAGE_EXTENSIONS, STDIO, FolderMatch, match_folders as match_files, overlay_image, read_image, read_label_image,
+    read_probs, same_file, write_image, write_mask, write_probs,
 )
 from .palette import VOID
+from .unary import check_probs
 
 DEFAULT_CONFIDENCE = 0.7
 MAX_CLASSES = 255  # argmax labels are stored in a palette PNG, where 255 stays reserved for void
-SUM_TOLERANCE = 1e-2  # fp16 softmax outputs sum to 1 within ~1e-3
 
 
 @dataclass(frozen=True)
@@ -99,62 +99,15 @@ def probs_from_labels(
     return probs
 
 
-def _describe(shape: tuple[int, ...]) -> str:
-    return "×".join(str(s) for s in shape)
-
-
 def check_scores(array: np.ndarray, image_hw: tuple[int, int], name: str, logits: bool = False) -> None:
-    """Raise DeeplabError (naming the file) unless array is finite float (C, H, W) matching the image's (H, W)."""
-    h, w = image_hw
-    if array.dtype == object or not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
-        raise DeeplabError(f"{name}: unsupported array dtype {array.dtype}; expected float (C, H, W) probabilities")
-    if not np.issubdtype(array.dtype, np.floating):
-        raise DeeplabError(
-            f"{name}: {array.dtype} array; expected float (C, H, W) {'scores' if logits else 'probabilities'} "
-            "(for a label mask, pass a PNG with --labels-in)"
-        )
-    if array.ndim == 2:
-        raise DeeplabError(
-            f"{name}: a 2-D {_describe(array.shape)} array; expected (C, H, W) "
-            "(save a binary foreground probability as (1, H, W); a label mask as a PNG with --labels-in)"
-        )
-    if array.ndim != 3:
-        raise DeeplabError(f"{name}: a {array.ndim}-D {_describe(array.shape)} array; expected 3-D (C, H, W)")
-    if array.shape[1:] != (h, w):
-        if array.shape[:2] == (h, w):
-            raise DeeplabError(
-                f"{name}: shape {_describe(array.shape)} looks like (H, W, C); expected (C, H, W) — "
-                "save np.moveaxis(a, -1, 0)"
-            )
-        raise DeeplabError(
-            f"{name}: {array.shape[2]}×{array.shape[1]} (W×H) scores but the image is {w}×{h}; "
-            "they must match pixel for pixel"
-        )
+    """Raise DeeplabError (naming the file) unless array is finite float (C, H, W) matching the image's (H, W):
+    probabilities in [0, 1] summing to 1 over C, or any finite scores with logits; at most 255 classes."""
+    try:
+        check_probs(array, image_hw, name, logits=logits, distribution=not logits)
+    except ValueError as exc:
+        raise DeeplabError(str(exc)) from None
     if array.shape[0] > MAX_CLASSES:
         raise DeeplabError(f"{name}: {array.shape[0]} classes; at most {MAX_CLASSES} fit a palette mask")
-    if array.shape[0] == 0:
-        raise DeeplabError(f"{name}: no classes (first axis is 0)")
-    finite = np.isfinite(array)
-    if not finite.all():
-        bad = np.argwhere(~finite)
-        c, y, x = (int(v) for v in bad[0])
-        kinds = " and ".join(k for k, m in (("NaN", np.isnan(array)), ("inf", np.isinf(array))) if m.any())
-        raise DeeplabError(f"{name}: {len(bad)} {kinds} value(s) (first at class {c}, y {y}, x {x})")
-    if logits:
-        return
-    lo, hi = float(array.min()), float(array.max())
-    if lo < -1e-6 or hi > 1.0 + 1e-3:
-        raise DeeplabError(
-            f"{name}: values range {lo:.4g}..{hi:.4g}, outside [0, 1]: not probabilities (pass --logits for raw scores)"
-        )
-    if array.shape[0] > 1:
-        sums = array.sum(axis=0, dtype=np.float64)
-        smin, smax = float(sums.min()), float(sums.max())
-        if smin < 1.0 - SUM_TOLERANCE or smax > 1.0 + SUM_TOLERANCE:
-            raise DeeplabError(
-                f"{name}: probabilities sum to {smin:.4g}..{smax:.4g} over the first axis, not 1: expected softmax "
-                "outputs as (C, H, W) (pass --logits for raw scores)"
-            )
 
 
 def as_probs(array: np.ndarray, image_hw: tuple[int, int], name: str, logits: bool = False) -> np.ndarray:
@@ -216,34 +169,23 @@ def refine_file(
     return labels
 
 
-@dataclass
-class FolderPlan:
-    """Pairs of (image, CRF input) matched by path relative to their folders, minus the suffix; and the leftovers."""
+class FolderPlan(FolderMatch):
+    """Images paired with their CRF inputs by relative path without suffix; and the files left aside."""
 
-    pairs: list[tuple[str, Path, Path]] = field(default_factory=list)  # (key, image, source)
-    images_without_source: list[Path] = field(default_factory=list)
-    sources_without_image: list[Path] = field(default_factory=list)
-    ambiguous: list[tuple[str, list[Path]]] = field(default_factory=list)  # one key, several files
+    @property
+    def images_without_source(self) -> list[Path]:
+        return [path for _, path in self.only_first]
+
+    @property
+    def sources_without_image(self) -> list[Path]:
+        return [path for _, path in self.only_second]
 
 
 def match_folders(
     images_dir: str | os.PathLike, sources_dir: str | os.PathLike, source_suffixes: frozenset[str]
 ) -> FolderPlan:
     """Match images to CRF inputs by relative path without suffix (photos/a/x.jpg ↔ probs/a/x.npy)."""
-    images = index_by_stem(images_dir, IMAGE_EXTENSIONS)
-    sources = index_by_stem(sources_dir, source_suffixes)
-    plan = FolderPlan()
-    for key in sorted(images.keys() | sources.keys()):
-        ims, srcs = images.get(key, []), sources.get(key, [])
-        if len(ims) > 1 or len(srcs) > 1:
-            plan.ambiguous.append((key, ims + srcs))
-        elif not srcs:
-            plan.images_without_source.append(ims[0])
-        elif not ims:
-            plan.sources_without_image.append(srcs[0])
-        else:
-            plan.pairs.append((key, ims[0], srcs[0]))
-    return plan
+    return FolderPlan(**vars(match_files(images_dir, sources_dir, IMAGE_EXTENSIONS, source_suffixes)))
 
 
 @dataclass
@@ -268,18 +210,14 @@ def refine_pair(
         return f"{output}: {exc.strerror or exc}"
 
 
-def _ignore_sigint() -> None:
-    """Worker set-up: Ctrl-C is the parent's to handle (it cancels what has not started)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def iter_refine_folder(
     plan: FolderPlan, out_dir: str | os.PathLike, overlay_dir: str | os.PathLike | None = None,
     probs_dir: str | os.PathLike | None = None, options: RefineOptions = RefineOptions(), workers: int = 0,
 ) -> Iterator[tuple[Path, Path, str | None]]:
     """Refine each matched pair into out_dir/<key>.png (overlays, refined .npy in theirs); yield (image, output, error).
 
-    workers > 1 runs that many processes (pydensecrf is single-threaded), yielding in completion order.
+    workers > 1 runs that many CRF processes (batch.crf_pool: pydensecrf is single-threaded), yielding in
+    completion order, with at most two pairs per worker submitted ahead.
     """
     tasks = [
         (image_path, source_path, Path(out_dir) / f"{key}.png",
@@ -291,21 +229,29 @@ def iter_refine_folder(
         for task in tasks:
             yield task[0], task[2], refine_pair(*task)
         return
-    from .batch import mp_context  # the start method `deeplab batch` uses for its CRF processes
-
-    with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=mp_context(), initializer=_ignore_sigint) as pool:
-        futures = {pool.submit(refine_pair, *task): task for task in tasks}
-        try:
-            for future in as_completed(futures):
-                task = futures[future]
+    pool = CRFPool(min(workers, len(tasks)))
+    pool.start()
+    todo = iter(tasks)
+    pending: dict[Future, tuple] = {}
+    try:
+        while True:
+            while len(pending) < 2 * pool.workers and (task := next(todo, None)) is not None:
                 try:
-                    error = future.result()
-                except BrokenProcessPool:
-                    error = "CRF worker process died (out of memory?)"
+                    pending[pool.submit(refine_pair, *task)] = task
+                except DeeplabError as exc:  # no worker process could be started
+                    yield task[0], task[2], str(exc)
+            if not pending:
+                return
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                task = pending.pop(future)
+                try:
+                    error = CRFPool.result(future)
+                except DeeplabError as exc:  # its worker died: this pair fails, a fresh pool takes the rest
+                    error = str(exc)
                 yield task[0], task[2], error
-        finally:
-            for future in futures:
-                future.cancel()
+    finally:
+        pool.shutdown(wait=True)  # what has not started is cancelled
 
 
 def source_suffixes(options: RefineOptions) -> frozenset[str]:
@@ -313,14 +259,40 @@ def source_suffixes(options: RefineOptions) -> frozenset[str]:
     return IMAGE_EXTENSIONS if options.labels_in else frozenset({".npy"})
 
 
+def check_folder_run(images_dir: str, sources_dir: str, output: str, overlay: str | None, save_probs: str | None) -> None:
+    """Raise UsageError unless the CRF inputs are a folder too and no output folder is an input folder."""
+    if not Path(sources_dir).is_dir():
+        raise UsageError(f"{sources_dir}: not a directory (IMAGE is a folder, so the inputs must be one too)")
+    if output == STDIO or Path(output).is_file():
+        raise UsageError(f"{output}: with folders, -o names an output folder")
+    out_dirs = [Path(d).resolve() for d in (output, overlay, save_probs) if d]
+    if any(d in (Path(images_dir).resolve(), Path(sources_dir).resolve()) for d in out_dirs):
+        raise UsageError("output folders must differ from the input folders")
+
+
+def check_file_run(image: str, source: str, output: str, overlay: str | None, save_probs: str | None) -> None:
+    """Raise UsageError for a missing input, an output that is an input, or both inputs from stdin."""
+    for inp in (image, source):
+        if inp != STDIO and not Path(inp).exists():
+            raise UsageError(f"{inp}: no such file")
+        for out in (output, overlay, save_probs):
+            if out and same_file(inp, out):
+                raise UsageError(f"{out}: refusing to overwrite the input {inp}")
+    if image == STDIO and source == STDIO:
+        raise UsageError("only one of IMAGE and PROBS can be read from stdin")
+
+
 def refine_folder(
     images_dir: str | os.PathLike, sources_dir: str | os.PathLike, out_dir: str | os.PathLike,
     overlay_dir: str | os.PathLike | None = None, probs_dir: str | os.PathLike | None = None,
-    options: RefineOptions = RefineOptions(), console=None, workers: int | None = None,
+    options: RefineOptions = RefineOptions(), workers: int | None = None,
+    on_start: Callable[[FolderPlan], None] | None = None,
+    on_pair: Callable[[Path, Path, str | None], None] | None = None,
 ) -> FolderResult:
-    """Refine every image in images_dir whose input in sources_dir has the same relative name; progress on console.
+    """Refine every image in images_dir whose input in sources_dir has the same relative name.
 
     workers: CRF processes (default the core count; 0 or 1 runs here); the torch backend always runs here.
+    on_start(plan) is called once the folders are matched, on_pair(image, output, error or None) after each pair.
     """
     plan = match_folders(images_dir, sources_dir, source_suffixes(options))
     if not plan.pairs:
@@ -329,24 +301,19 @@ def refine_folder(
     result = FolderResult()
     result.failures.extend((paths[0], f"ambiguous: {', '.join(p.name for p in paths)} share the name {key!r}")
                            for key, paths in plan.ambiguous)
-    if console is not None and (plan.images_without_source or plan.sources_without_image):
-        console.print(f"deeplab: {len(plan.images_without_source)} image(s) without input and "
-                      f"{len(plan.sources_without_image)} input(s) without image left aside")
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("refine"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, disable=console is None, transient=True) as bar:
-        task = bar.add_task("refine", total=len(plan.pairs))
-        if workers is None:
-            workers = os.cpu_count() or 1
-        if options.backend != "pydensecrf":
-            workers = 0  # one device, one stream of work
-        for image_path, output, error in iter_refine_folder(plan, out_dir, overlay_dir, probs_dir, options, workers):
-            if error:
-                result.failures.append((image_path, error))
-            else:
-                result.written.append(output)
-            bar.advance(task)
+    if on_start:
+        on_start(plan)
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if options.backend != "pydensecrf":
+        workers = 0  # one device, one stream of work
+    for image_path, output, error in iter_refine_folder(plan, out_dir, overlay_dir, probs_dir, options, workers):
+        if error:
+            result.failures.append((image_path, error))
+        else:
+            result.written.append(output)
+        if on_pair:
+            on_pair(image_path, output, error)
     return result
 
 

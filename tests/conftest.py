@@ -1,4 +1,4 @@
-"""Shared fixtures: random-weight model files and small real photos (no downloads)."""
+"""Shared fixtures: random-weight model files, small real photos, an isolated cache (no downloads)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from deeplab_cli.benchmark import random_model
-from deeplab_cli.weights import save_weights
-
-
-def random_state_dict(arch: str = "largefov", num_classes: int = 21, seed: int = 0) -> dict[str, torch.Tensor]:
-    """He-initialised weights with small random biases: activations stay in a sane range through all layers."""
-    return random_model(arch, num_classes, seed).state_dict()
+from deeplab_cli.testing import random_state_dict
+from deeplab_cli.weightfiles.formats import save_weights
 
 
 @pytest.fixture(autouse=True)
@@ -48,3 +42,12 @@ def photo_file(tmp_path: Path, photo: np.ndarray) -> Path:
     path = tmp_path / "photo.jpg"
     Image.fromarray(photo).save(path, quality=95)
     return path
+
+
+@pytest.fixture()
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A test's own cache directory, and no $DEEPLAB_WEIGHTS."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DEEPLAB_CACHE", str(cache))
+    monkeypatch.delenv("DEEPLAB_WEIGHTS", raising=False)
+    return cache

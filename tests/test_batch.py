@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from helpers import cli
 from PIL import Image
 
 from deeplab_cli.batch import (
@@ -27,7 +27,6 @@ from deeplab_cli.batch import (
     remove_stale_parts,
     run_batch,
 )
-from deeplab_cli.cli import main
 from deeplab_cli.errors import UsageError
 from deeplab_cli.io import atomic_path
 from deeplab_cli.pipeline import Segmenter
@@ -36,7 +35,7 @@ FAST = ("--device", "cpu", "--crf-workers", "1", "--net-threads", "1", "--crf-it
 
 
 def run(*args: object, input: bytes | None = None):
-    return CliRunner().invoke(main, ["batch", *map(str, args)], input=input, catch_exceptions=False)
+    return cli("batch", *args, input=input)
 
 
 def resized(photo: np.ndarray, width: int, height: int) -> Image.Image:
@@ -298,7 +297,7 @@ def test_a_dying_crf_worker_fails_only_its_images(tmp_path: Path, photo: np.ndar
     results = []
     for result in run_:
         if not results:
-            for pid in list(run_._crf_pool._processes):
+            for pid in run_._crf_pool.pids():
                 os.kill(pid, signal.SIGKILL)
         results.append(result)
     assert sorted(r.job.path for r in results) == paths
@@ -359,6 +358,7 @@ def _check_outputs_whole(root: Path, out: Path) -> int:
     return count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGINT", "SIGINT twice", "SIGKILL"])
 def test_interrupted_run_leaves_whole_files_and_resumes(tmp_path: Path, many, weights_file: Path, how: str) -> None:
     root, n = many

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import cli
 from PIL import Image
 
 from deeplab_cli.benchmark import (
@@ -20,7 +20,6 @@ from deeplab_cli.benchmark import (
     run_benchmark,
     spread_ms,
 )
-from deeplab_cli.cli import main
 from deeplab_cli.errors import UsageError
 
 TINY = ["--size", "33x41", "--iters", "1", "--warmup", "0", "--device", "cpu"]
@@ -40,7 +39,7 @@ def no_default_weights(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def invoke(*args: str):
-    return CliRunner().invoke(main, ["benchmark", *args])
+    return cli("benchmark", *args)
 
 
 def test_fps_end_to_end_prints_every_stage_and_documented_json() -> None:

@@ -10,42 +10,27 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import random_state_dict
+from helpers import cli, one_line_error
 from PIL import Image
 
-from deeplab_cli.caffe import (
+from deeplab_cli.errors import DeeplabError
+from deeplab_cli.testing import caffemodel_bytes, random_state_dict, write_caffemodel
+from deeplab_cli.transforms import padded_size, preprocess, to_tensor, upsample_scores
+from deeplab_cli.weightfiles.cache import sha256_file
+from deeplab_cli.weightfiles.caffe import (
     CaffeLayer,
     _blob_array,
     _conv_weight,
     caffe_state_dict,
-    caffemodel_bytes,
     deploy_prototxt,
     load_caffemodel,
     messages,
     parse_caffemodel,
-    write_caffemodel,
 )
-from deeplab_cli.cli import main
-from deeplab_cli.errors import DeeplabError
-from deeplab_cli.transforms import padded_size, preprocess, to_tensor, upsample_scores
-from deeplab_cli.weights import build_model, load_weights, sha256_file
+from deeplab_cli.weightfiles.formats import build_model, load_weights
 
 DATA = Path(__file__).parent / "data"
 REFERENCE = {"largefov": DATA / "DeepLab-LargeFOV_test.prototxt", "deeplab": DATA / "DeepLab_basic_test.prototxt"}
-
-
-def cli(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line_error(result) -> str:
-    """The CLI failed with exactly one line on stderr, no traceback; return it."""
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("deeplab: error: "), result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from helpers import cli
 from PIL import Image
 
-from deeplab_cli.cli import main
 from deeplab_cli.errors import UsageError
 from deeplab_cli.evaluate import (
     Evaluation, confusion_matrix, folder_dataset, label_problem, read_label, scores_from_confusion, voc_dataset,
@@ -20,8 +19,7 @@ from deeplab_cli.io import write_mask
 from deeplab_cli.palette import VOC_CLASSES
 
 
-def run(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+run = cli
 
 
 def make_voc(root: Path, items: dict[str, tuple[np.ndarray, np.ndarray]], split: str = "val",

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_state_dict
 from deeplab_cli.model import ARCHS, DeepLab, expected_shapes, parameter_count
+from deeplab_cli.testing import random_state_dict
 
 DATA = Path(__file__).parent / "data"
 PROTOTXT = {"largefov": DATA / "DeepLab-LargeFOV_test.prototxt", "deeplab": DATA / "DeepLab_basic_test.prototxt"}

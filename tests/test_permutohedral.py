@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import cli
 from PIL import Image
 
 from deeplab_cli import permutohedral
-from deeplab_cli.cli import main
 from deeplab_cli.crf import PRESETS, CRFParams, dense_crf, dense_crf_pydensecrf
-from deeplab_cli.permutohedral import dense_crf_torch, dense_crf_torch_batch, random_smooth_probs
+from deeplab_cli.permutohedral import dense_crf_torch, dense_crf_torch_batch
+from deeplab_cli.testing import random_smooth_probs
 
 SETTINGS = {"largefov": PRESETS["largefov"], "deeplab": PRESETS["deeplab"]}  # bi 4/121/5 and 5/50/10, gauss 3/3
 
@@ -208,8 +208,8 @@ def test_segment_cli_with_torch_backend(weights_file, photo_file, tmp_path) -> N
     masks = {}
     for backend in ("torch", "pydensecrf"):
         out = tmp_path / f"{backend}.png"
-        result = CliRunner().invoke(main, ["segment", str(photo_file), "-o", str(out), "--weights", str(weights_file),
-                                           "--device", "cpu", "--crf-backend", backend])
+        result = cli("segment", photo_file, "-o", out, "--weights", weights_file, "--device", "cpu",
+                     "--crf-backend", backend)
         assert result.exit_code == 0, result.output
         masks[backend] = np.array(Image.open(out))
     assert masks["torch"].shape == Image.open(photo_file).size[::-1]

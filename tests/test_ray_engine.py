@@ -23,12 +23,12 @@ from deeplab_cli.batch import discover_inputs, plan_jobs
 from deeplab_cli.crf import CRFParams
 from deeplab_cli.numpy_transforms import probs_from_scores, upsample_scores
 from deeplab_cli.pipeline import Segmenter
-from deeplab_cli.weights import build_model, load_weights
+from deeplab_cli.weightfiles.formats import build_model, load_weights
 
 ray = pytest.importorskip("ray")
 
-from deeplab_cli.ray_engine import LOST, RayOptions, RayRun  # noqa: E402
-from deeplab_cli.ray_stages import NetworkStage, crf_and_write, decode_rows  # noqa: E402
+from deeplab_cli.batch.ray_engine import LOST, RayOptions, RayRun  # noqa: E402
+from deeplab_cli.batch.ray_stages import NetworkStage, crf_and_write, decode_rows  # noqa: E402
 from test_batch import FAST, mask_name, read_report, resized, run, tree  # noqa: E402,F401
 
 pytestmark = pytest.mark.slow
@@ -186,19 +186,16 @@ def test_large_photo_runs_at_the_working_resolution_like_segment(tmp_path: Path,
                                                                    weights_file: Path, local_ray: None) -> None:
     """A photo over --max-side: downscaled (JPEG draft decoding included) for network and CRF, mask at full size,
     equal to `deeplab segment`'s (same CRF backend)."""
-    from click.testing import CliRunner
-
-    from deeplab_cli.cli import main
+    from helpers import cli
 
     (tmp_path / "in").mkdir()
     resized(photo, 1100, 800).save(tmp_path / "in" / "big.jpg", quality=90)
     fast = ("--device", "cpu", "--crf-iterations", "3", "--max-side", "200")
-    args = ["segment", tmp_path / "in" / "big.jpg", "-o", tmp_path / "segment.png", "--weights", weights_file,
-            "--crf-backend", "pydensecrf", *fast]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the network actor below: oneDNN's sums round differently with other thread counts
     try:
-        res = CliRunner().invoke(main, list(map(str, args)))
+        res = cli("segment", tmp_path / "in" / "big.jpg", "-o", tmp_path / "segment.png", "--weights", weights_file,
+                  "--crf-backend", "pydensecrf", *fast)
     finally:
         torch.set_num_threads(threads)
     assert res.exit_code == 0, res.output
@@ -219,7 +216,7 @@ def _abort_on_width_61(image: np.ndarray, probs: np.ndarray, params: CRFParams) 
         with open(os.environ["POISON_LOG"], "a") as log:
             log.write("crash\n")
         os.abort()
-    from deeplab_cli.ray_stages import refine_pydensecrf
+    from deeplab_cli.batch.ray_stages import refine_pydensecrf
 
     return refine_pydensecrf(image, probs, params)
 

@@ -7,10 +7,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from helpers import cli
 from PIL import Image
 
-from deeplab_cli.cli import main
 from deeplab_cli.crf import CRFParams
 from deeplab_cli.errors import DeeplabError, UsageError
 from deeplab_cli.io import write_mask
@@ -21,8 +20,7 @@ from deeplab_cli.refine import (
 COLORS = np.array([[90, 110, 80], [200, 40, 40], [40, 60, 200]], np.float32)
 
 
-def run(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+run = cli
 
 
 def scene(h: int = 96, w: int = 128, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ from deeplab_cli.cli import main
 from deeplab_cli.io import decode_photo, read_photo
 from deeplab_cli.pipeline import Segmenter
 from deeplab_cli.resolution import downscale, upsample_labels, working_size
-from deeplab_cli.weights import build_model, load_weights
+from deeplab_cli.weightfiles.formats import build_model, load_weights
 
 FAST = ("--device", "cpu", "--crf-iterations", "3")
 

@@ -10,18 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import cli
 from PIL import Image
 
-from conftest import random_state_dict
-from deeplab_cli.cli import main
 from deeplab_cli.palette import colorize
 from deeplab_cli.pipeline import Segmenter
-from deeplab_cli.weights import save_weights
+from deeplab_cli.testing import random_state_dict
+from deeplab_cli.weightfiles.formats import save_weights
 
 
-def run(*args: str, input: bytes | None = None, env: dict | None = None):
-    return CliRunner().invoke(main, [str(a) for a in args], input=input, env=env, catch_exceptions=False)
+run = cli
 
 
 def test_segment_writes_palette_mask_overlay_and_probs(tmp_path: Path, photo_file: Path, photo, weights_file) -> None:
@@ -118,7 +116,7 @@ def _bad_inputs(tmp_path: Path, photo_file: Path, weights_file: Path) -> dict[st
 def test_bad_input_gives_one_line_and_no_output(case: str, tmp_path: Path, photo_file: Path, weights_file) -> None:
     args, code, message = _bad_inputs(tmp_path, photo_file, weights_file)[case]
     out = tmp_path / "out" / "mask.png"
-    res = CliRunner().invoke(main, ["segment", *map(str, args), "-o", str(out)])
+    res = cli("segment", *args, "-o", out)
     assert res.exit_code == code, res.output
     assert message in res.stderr, res.stderr
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.output

@@ -32,23 +32,18 @@ from typing import Any
 
 import numpy as np
 
-from .crf import CRFParams, dense_crf, dense_crf_pydensecrf
-from .io import decode_photo, encode_image, encode_mask_png, encode_probs, overlay_image
-from .numpy_transforms import probs_from_scores
-from .resolution import downscale, upsample_labels, working_size
-from .storage import read_bytes, write_bytes
+from ..crf import CRFParams, dense_crf, dense_crf_pydensecrf
+from ..io import decode_photo, encode_image, encode_mask_png, encode_probs, overlay_image
+from ..numpy_transforms import probs_from_scores
+from ..resolution import downscale, upsample_labels, working_size
+from ..storage import read_bytes, write_bytes
+from .engine import error_text
 
 Batch = dict[str, np.ndarray]
 SMALL_COLUMNS = ("index", "height", "width", "status", "error", "t_decode", "t_network", "t_upsample", "t_crf",
                  "t_write", "decode_node", "network_node", "crf_node")
 _EMPTY_IMAGE = np.zeros((0, 0, 3), np.uint8)
 _EMPTY_SCORES = np.zeros((0, 0, 0), np.float32)
-
-
-def error_text(exc: BaseException, path: str) -> str:
-    """An exception as a one-line reason, without the 'path: ' prefix our own errors carry."""
-    text = (str(exc) or type(exc).__name__).removeprefix(f"{path}: ")
-    return " ".join(text.split())
 
 
 def _node_id() -> str:
@@ -168,8 +163,8 @@ class NetworkStage:
                  max_crashes: int = 2) -> None:
         import torch
 
-        from .pipeline import Segmenter
-        from .weights import build_model
+        from ..pipeline import Segmenter
+        from ..weightfiles.formats import build_model
 
         # Ray sets OMP_NUM_THREADS to the actor's CPU reservation (1); on a CPU-only node the network should use
         # the cores as the local engine's does, sharing them with the CRF tasks.

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path, PurePath
 
-from .batch import InputFile, Job, OutputPaths, check_no_overwrite, plan_jobs
-from .errors import UsageError
-from .io import is_image_path
-from .storage import URL, is_url, join, list_files
+from ..errors import UsageError
+from ..io import is_image_path
+from ..storage import URL, is_url, join, list_files
+from .inputs import InputFile, Job, OutputPaths, check_no_overwrite, plan_jobs
 
 _ROOT = Path("/deeplab-output-root")  # planning happens below a local placeholder, then moves under the URL
 

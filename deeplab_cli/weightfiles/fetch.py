@@ -1,15 +1,16 @@
-"""Getting weights with integrity: resumable HTTP(S) downloads, sha256 checks, trust on first use, the cache.
+"""Getting weights with integrity: resumable HTTP(S) downloads, sha256 checks, trust on first use; and the
+list of known and cached models.
 
 The authors never published checksums for their Caffe models, so a manifest entry may carry no
 sha256. Then the first download's sha256 is shown and recorded (`trusted-sha256.json` in the cache
-directory) and every later download of that model, from any mirror, must match it; `--sha256`
-pins one explicitly. Nothing downloaded is used before its sha256 has been checked.
+directory, weightfiles/cache.py) and every later download of that model, from any mirror, must match
+it; `--sha256` pins one explicitly. Nothing downloaded is used before its sha256 has been checked.
+Progress reaches the caller through a callback (the command draws a bar); one-line logs go to stderr.
 """
 
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import re
 import sys
@@ -17,18 +18,23 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import __version__
-from .errors import DeeplabError, UsageError
-from .weights import (
-    DEFAULT_MODEL, cache_dir, cached_model_path, find_weights, load_manifest, no_weights_message, resolve_weights,
-    sha256_file,
+from .. import __version__
+from ..errors import DeeplabError, UsageError
+from .cache import (
+    DEFAULT_MODEL, cache_dir, cached_model_path, find_weights, no_weights_message, read_trust, resolve_weights,
+    sha256_file, trust_path, write_trust,
 )
+from .caffe import load_caffemodel
+from .formats import Weights, load_weights, save_weights
+from .manifest import load_manifest
 
-TRUST_FILE = "trusted-sha256.json"
+# progress(name, bytes received, total bytes or None): called as a download advances.
+Progress = Callable[[str, int, "int | None"], None]
 MODEL_URL_ENV = "DEEPLAB_MODEL_URL"  # overrides the default model's URL (a mirror, an air-gapped cache)
 CHUNK_BYTES = 1 << 16
 RETRIES = 3  # resumptions after a dropped connection, per URL
@@ -51,16 +57,6 @@ def log(message: str) -> None:
     print(f"deeplab: {message}", file=sys.stderr, flush=True)
 
 
-def _progress(quiet: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-        console=Console(stderr=True), disable=quiet,
-    )
-
-
 def check_sha256(value: str | None) -> str | None:
     """Normalise a user-given sha256 (64 hex digits) or raise a UsageError."""
     if value is None:
@@ -76,7 +72,7 @@ def _content_range_start(header: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _transfer(url: str, part: Path, progress, tasks: list, timeout: float) -> None:
+def _transfer(url: str, part: Path, progress: Progress | None, timeout: float) -> None:
     """One request: continue `part` from its current size (Range) or restart it; raises OSError-like errors on drops."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": f"deeplab-cli/{__version__}"}
@@ -97,16 +93,16 @@ def _transfer(url: str, part: Path, progress, tasks: list, timeout: float) -> No
             offset, mode = 0, "wb"  # the server ignored Range: take the whole file again
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else None
-        if not tasks:  # shown once the server answers, so that a failed connection draws no empty bar
-            tasks.append(progress.add_task(part.name.removesuffix(".part"), total=total))
-        task = tasks[0]
-        progress.update(task, total=total, completed=offset)
+        name = part.name.removesuffix(".part")
         received = offset
+        if progress:  # first called once the server answers, so that a failed connection draws no empty bar
+            progress(name, received, total)
         with open(part, mode) as f:
             while block := response.read(CHUNK_BYTES):
                 f.write(block)
                 received += len(block)
-                progress.update(task, completed=received)
+                if progress:
+                    progress(name, received, total)
         if total is not None and received < total:
             raise http.client.IncompleteRead(b"", total - received)
 
@@ -118,11 +114,13 @@ def download(
     quiet: bool = False,
     retries: int = RETRIES,
     timeout: float = TIMEOUT_S,
+    progress: Progress | None = None,
 ) -> str:
     """Download url to dest through `dest.part` (resumed with Range requests), check its sha256, return it.
 
     A dropped connection is resumed up to `retries` times; the `.part` file stays for a later run.
-    With sha256 given, a mismatch deletes the download and raises ChecksumMismatch.
+    With sha256 given, a mismatch deletes the download and raises ChecksumMismatch. progress(name, bytes,
+    total) follows the transfer unless quiet.
     """
     scheme = urllib.parse.urlparse(url).scheme
     if scheme not in ("http", "https"):
@@ -132,65 +130,33 @@ def download(
     part = dest.with_name(dest.name + ".part")
     if part.exists():
         log(f"resuming {part} ({part.stat().st_size / 1e6:.1f} MB already there)")
-    with _progress(quiet) as progress:
-        tasks: list = []
-        for attempt in range(retries + 1):
-            try:
-                _transfer(url, part, progress, tasks, timeout)
-                break
-            except urllib.error.HTTPError as exc:
-                raise HTTPFailure(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
-            except urllib.error.URLError as exc:
-                reason = getattr(exc.reason, "strerror", None) or exc.reason
-                raise HTTPFailure(f"cannot download {url}: {reason}") from None
-            except (http.client.HTTPException, OSError) as exc:  # dropped connection, timeout, reset
-                have = part.stat().st_size if part.exists() else 0
-                reason = str(exc) if not isinstance(exc, http.client.IncompleteRead) else ""
-                reason = reason or type(exc).__name__
-                if attempt == retries:
-                    raise HTTPFailure(
-                        f"download of {url} interrupted after {have / 1e6:.1f} MB ({reason}); "
-                        f"run the same command again to resume from {part}"
-                    ) from None
-                log(f"connection lost after {have / 1e6:.1f} MB ({reason}); "
-                    f"resuming (attempt {attempt + 2}/{retries + 1})")
-                time.sleep(RETRY_DELAY_S * (attempt + 1))
+    for attempt in range(retries + 1):
+        try:
+            _transfer(url, part, None if quiet else progress, timeout)
+            break
+        except urllib.error.HTTPError as exc:
+            raise HTTPFailure(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
+        except urllib.error.URLError as exc:
+            reason = getattr(exc.reason, "strerror", None) or exc.reason
+            raise HTTPFailure(f"cannot download {url}: {reason}") from None
+        except (http.client.HTTPException, OSError) as exc:  # dropped connection, timeout, reset
+            have = part.stat().st_size if part.exists() else 0
+            reason = str(exc) if not isinstance(exc, http.client.IncompleteRead) else ""
+            reason = reason or type(exc).__name__
+            if attempt == retries:
+                raise HTTPFailure(
+                    f"download of {url} interrupted after {have / 1e6:.1f} MB ({reason}); "
+                    f"run the same command again to resume from {part}"
+                ) from None
+            log(f"connection lost after {have / 1e6:.1f} MB ({reason}); "
+                f"resuming (attempt {attempt + 2}/{retries + 1})")
+            time.sleep(RETRY_DELAY_S * (attempt + 1))
     digest = sha256_file(part)
     if sha256 is not None and digest != sha256:
         part.unlink()
         raise ChecksumMismatch(f"{url}: sha256 mismatch: expected {sha256}, got {digest}; the download was deleted")
     part.replace(dest)
     return digest
-
-
-# ---------------------------------------------------------------------------------------------
-# Trust records and the cache.
-
-
-def trust_path() -> Path:
-    """The JSON file recording the sha256 each model had on its first download."""
-    return cache_dir() / TRUST_FILE
-
-
-def read_trust() -> dict[str, dict]:
-    """Model name → {url, sha256, size, converted_sha256, trust, recorded_at}; {} when none recorded."""
-    path = trust_path()
-    if not path.is_file():
-        return {}
-    try:
-        records = json.loads(path.read_text())["models"]
-    except (ValueError, KeyError, TypeError, OSError) as exc:
-        raise DeeplabError(f"{path}: unreadable trust record ({exc}); fix or delete it") from None
-    return records if isinstance(records, dict) else {}
-
-
-def write_trust(records: dict[str, dict]) -> None:
-    """Rewrite the trust record file atomically."""
-    from .io import write_bytes
-
-    body = {"comment": "sha256 of each fetched model's source file, recorded by deeplab-cli on first download",
-            "models": records}
-    write_bytes(trust_path(), (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
 
 
 @dataclass
@@ -246,8 +212,12 @@ def fetch(
     force: bool = False,
     quiet: bool = False,
     arch: str | None = None,
+    progress: Progress | None = None,
 ) -> FetchResult:
-    """Download a known model (or `url`), verify it, convert it to .safetensors in the cache, record its sha256."""
+    """Download a known model (or `url`), verify it, convert it to .safetensors in the cache, record its sha256.
+
+    progress(name, bytes, total) follows the download unless quiet.
+    """
     name = name or DEFAULT_MODEL
     if not _NAME.match(name):
         raise UsageError(f"{name!r} is not a model name (letters, digits, '.', '_', '-')")
@@ -285,7 +255,7 @@ def fetch(
         src = downloads / _download_name(u, name, fmt)
         log(f"downloading {name} from {u}")
         try:
-            digest = download(u, src, expected, quiet=quiet)
+            digest = download(u, src, expected, quiet=quiet, progress=progress)
             break
         except HTTPFailure as exc:
             failures.append(str(exc))
@@ -318,13 +288,9 @@ def fetch(
     return FetchResult(name, dest, u, digest, how, True, weights.arch, weights.num_classes)
 
 
-def _store(src: Path, dest: Path, fmt: str, arch: str | None, url: str):
+def _store(src: Path, dest: Path, fmt: str, arch: str | None, url: str) -> Weights:
     """Convert or re-save a verified download as our .safetensors, with its origin in the metadata."""
-    from .weights import load_weights, save_weights
-
     if fmt == "caffemodel":
-        from .caffe import load_caffemodel
-
         weights = load_caffemodel(src, arch)
     else:
         weights = load_weights(src, arch)
@@ -335,8 +301,9 @@ def _store(src: Path, dest: Path, fmt: str, arch: str | None, url: str):
     return weights
 
 
-def resolve_or_fetch(explicit: str | os.PathLike | None = None, offline: bool = False, quiet: bool = False) -> Path:
-    """The weights file to use (weights.find_weights); on first use, the default model downloaded into the cache.
+def resolve_or_fetch(explicit: str | os.PathLike | None = None, offline: bool = False,
+                     progress: Progress | None = None) -> Path:
+    """The weights file to use (cache.find_weights); on first use, the default model downloaded into the cache.
 
     The download follows `deeplab weights fetch`'s integrity rules (sha256 pinned, published or trusted on
     first use, resumed); $DEEPLAB_MODEL_URL replaces its URL. offline: never download, fail in one line.
@@ -346,17 +313,8 @@ def resolve_or_fetch(explicit: str | os.PathLike | None = None, offline: bool = 
             raise UsageError(f"offline: {no_weights_message()} on a machine with network, then copy "
                              f"{cached_model_path()} here (or pass --weights FILE)")
         log(f"no weights found: downloading the default model {DEFAULT_MODEL} into {cache_dir()} (once)")
-        fetch(DEFAULT_MODEL, quiet=quiet)
+        fetch(DEFAULT_MODEL, progress=progress)
     return resolve_weights(explicit)
-
-
-def verify_cached_model(name: str) -> None:
-    """Raise a DeeplabError when a cached model that `fetch` wrote no longer has the sha256 it recorded."""
-    record = read_trust().get(name)
-    path = cached_model_path(name)
-    if record and record.get("converted_sha256") and sha256_file(path) != record["converted_sha256"]:
-        raise DeeplabError(f"{path}: changed since `deeplab weights fetch` wrote it (sha256 differs from "
-                           f"{trust_path()}); fetch it again with --force or pass --weights")
 
 
 def list_models(verify: bool = True) -> list[dict]:

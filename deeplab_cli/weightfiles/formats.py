@@ -1,30 +1,23 @@
-"""Weight files: where to find them, how to load them safely, and whether they fit an architecture.
+"""Weight file formats: load safely, map foreign key layouts onto ours, check against the architecture, save.
 
 Formats: `.safetensors` (what `deeplab weights convert` writes, with metadata) and PyTorch state
-dicts loaded with `torch.load(weights_only=True)` (never unpickling arbitrary objects).
+dicts loaded with `torch.load(weights_only=True)` (never unpickling arbitrary objects). Caffe's
+`.caffemodel` is read by weightfiles/caffe.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import DeeplabError, UsageError
-from .model import ARCHS, DeepLab, expected_shapes
+from ..errors import DeeplabError, UsageError
+from ..io import atomic_path
+from ..model import ARCHS, LAYER_ORDER, DeepLab, check_shapes, infer_arch
 
-WEIGHTS_ENV = "DEEPLAB_WEIGHTS"
-CACHE_ENV = "DEEPLAB_CACHE"
-DEFAULT_MODEL = "largefov-voc12"
-
-# Layer order of every architecture: positional imports map foreign layouts onto it.
-LAYER_ORDER = [f"conv{b}_{i}" for b, n in enumerate((2, 2, 3, 3, 3), 1) for i in range(1, n + 1)] + ["fc6", "fc7", "fc8"]
 _PREFIXES = ("module.", "model.", "net.", "base.", "deeplab.")
 
 
@@ -37,68 +30,6 @@ class Weights:
     num_classes: int
     metadata: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
-
-
-def cache_dir() -> Path:
-    """The user cache directory: $DEEPLAB_CACHE, else the platform's cache dir + /deeplab-cli."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "deeplab-cli"
-
-
-def cached_model_path(name: str = DEFAULT_MODEL) -> Path:
-    """Where `deeplab weights fetch NAME` stores the converted model."""
-    return cache_dir() / f"{name}.safetensors"
-
-
-def find_weights(explicit: str | os.PathLike | None = None) -> Path | None:
-    """The weights file to use: --weights, then $DEEPLAB_WEIGHTS, then the cached default model; None if none."""
-    if explicit:
-        path = Path(explicit).expanduser()
-        if not path.is_file():
-            raise UsageError(f"{path}: weights file not found")
-        return path
-    if os.environ.get(WEIGHTS_ENV):
-        path = Path(os.environ[WEIGHTS_ENV]).expanduser()
-        if not path.is_file():
-            raise UsageError(f"{path}: weights file not found (from ${WEIGHTS_ENV})")
-        return path
-    path = cached_model_path()
-    return path if path.is_file() else None
-
-
-def no_weights_message() -> str:
-    """Where weights were looked for and how to get them (the one-line error when none are found)."""
-    path = cached_model_path()
-    return (f"no weights found: looked at --weights, ${WEIGHTS_ENV} and {path}; "
-            f"get them with `deeplab weights fetch` or `deeplab weights convert MODEL.caffemodel -o {path}`")
-
-
-def resolve_weights(explicit: str | os.PathLike | None = None) -> Path:
-    """Find the weights file (find_weights) or raise a UsageError saying where it looked."""
-    path = find_weights(explicit)
-    if path is None:
-        raise UsageError(no_weights_message())
-    if path == cached_model_path():
-        from .download import verify_cached_model
-
-        verify_cached_model(DEFAULT_MODEL)  # what `fetch` wrote is re-checked on every use
-    return path
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_raw(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -180,33 +111,6 @@ def _layer_sort_key(key: str) -> tuple[int, str]:
     return (LAYER_ORDER.index(layer) if layer in LAYER_ORDER else 99, param)
 
 
-def infer_arch(sd: dict[str, torch.Tensor]) -> str | None:
-    """The architecture whose fc6 shape matches the state dict, or None."""
-    fc6 = sd.get("fc6.weight")
-    if fc6 is None:
-        return None
-    for name, cfg in ARCHS.items():
-        kernel, _, _, channels = cfg.fc6
-        if tuple(fc6.shape) == (channels, 512, kernel, kernel):
-            return name
-    return None
-
-
-def check_shapes(sd: dict[str, torch.Tensor], arch: str, num_classes: int, source: str = "weights") -> None:
-    """Raise a DeeplabError naming every missing, unexpected or mis-shaped tensor."""
-    expected = expected_shapes(arch, num_classes)
-    problems = [f"missing {k}" for k in expected if k not in sd]
-    problems += [f"unexpected {k}" for k in sd if k not in expected]
-    problems += [
-        f"{k} is {list(sd[k].shape)}, expected {list(shape)}"
-        for k, shape in expected.items()
-        if k in sd and tuple(sd[k].shape) != shape
-    ]
-    if problems:
-        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise DeeplabError(f"{source}: does not fit the {arch} architecture: {shown}")
-
-
 def load_weights(path: str | os.PathLike, arch: str | None = None) -> Weights:
     """Load and check a weights file; arch defaults to the file's metadata, then to fc6's shape."""
     path = Path(path)
@@ -231,40 +135,11 @@ def save_weights(
     """Write a state dict as .safetensors (atomically) with arch and class-count metadata."""
     from safetensors.torch import save_file
 
-    from .io import atomic_path
-
     num_classes = int(sd["fc8.weight"].shape[0])
     check_shapes(sd, arch, num_classes)
     meta = {"format": "deeplab-cli", "arch": arch, "classes": str(num_classes), **(metadata or {})}
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=meta)
-
-
-def describe_weights(path: str | os.PathLike) -> dict:
-    """What a weights file holds (for `deeplab weights info`): format, arch, classes, parameters, metadata, sha256."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{path}: weights file not found")
-    if path.suffix.lower() == ".caffemodel":
-        from .caffe import load_caffemodel
-
-        weights, fmt = load_caffemodel(path), "caffemodel"
-    else:
-        weights = load_weights(path)
-        with open(path, "rb") as f:
-            head = f.read(2)
-        fmt = "pytorch" if head.startswith((b"PK", b"\x80")) else "safetensors"
-    return {
-        "path": str(path),
-        "format": fmt,
-        "arch": weights.arch,
-        "description": ARCHS[weights.arch].description,
-        "classes": weights.num_classes,
-        "parameters": sum(t.numel() for t in weights.state_dict.values()),
-        "size": path.stat().st_size,
-        "sha256": weights.metadata["source_sha256"] if fmt == "caffemodel" else sha256_file(path),
-        "metadata": dict(sorted(weights.metadata.items())),
-    }
 
 
 def build_model(weights: Weights | None, arch: str = "largefov", num_classes: int = 21) -> DeepLab:
@@ -275,11 +150,3 @@ def build_model(weights: Weights | None, arch: str = "largefov", num_classes: in
         model = DeepLab(weights.arch, weights.num_classes)
         model.load_state_dict(weights.state_dict)
     return model.eval()
-
-
-def load_manifest() -> dict[str, dict]:
-    """The known models of weights/manifest.json: name → {url, sha256, size, format, arch, ...}."""
-    from importlib.resources import files
-
-    # weights/ is installed as the data package deeplab_cli.registry (see setup.cfg's package_dir).
-    return json.loads(files("deeplab_cli.registry").joinpath("manifest.json").read_text())["models"]

@@ -1,10 +1,12 @@
-"""Caffe model files without Caffe: read the authors' `.caffemodel` into our state dict, and write one back.
+"""Caffe model files without Caffe: read the authors' `.caffemodel` into our state dict (`deeplab weights
+convert`), and write the deploy prototxt of an architecture.
 
 Only the few protobuf messages and fields that carry weights are declared (names and field numbers
 from Caffe's caffe.proto); every other field of a file is skipped as unknown. Both the current
 `layer` list and the legacy V1 `layers` list are read, and blobs with a `shape` as well as the
-legacy num/channels/height/width. Writing declares the float payload as `bytes` (a packed
-`repeated float` has the same wire format), which spares building millions of Python floats.
+legacy num/channels/height/width. `messages(raw=True)` declares the float payload as `bytes` (a packed
+`repeated float` has the same wire format), which lets deeplab_cli.testing write .caffemodels without
+building millions of Python floats.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from .errors import DeeplabError, UsageError
-from .model import ARCHS, VGG16_WIDTHS, get_arch
-from .weights import LAYER_ORDER, Weights, check_shapes, infer_arch, save_weights, sha256_file
+from ..archs import Layer
+from ..errors import DeeplabError, UsageError
+from ..model import ARCHS, LAYER_ORDER, check_shapes, expected_shapes, get_arch, infer_arch
+from .cache import sha256_file
+from .formats import Weights, save_weights
 
-# V1LayerParameter.LayerType codes of the layers a deploy net uses (caffe.proto).
-V1_CONVOLUTION, V1_DROPOUT, V1_POOLING, V1_RELU = 4, 6, 17, 18
+# V1LayerParameter.LayerType code of a convolution (caffe.proto), what the authors' old files hold.
+V1_CONVOLUTION = 4
 
 _F = SimpleNamespace(
     OPTIONAL=1, REPEATED=3,  # FieldDescriptorProto.Label
@@ -226,7 +230,7 @@ def load_caffemodel(path: str | os.PathLike, arch: str | None = None) -> Weights
 
 
 def _fc6_shapes() -> dict[str, tuple[int, ...]]:
-    return {n: (c.fc6[3], VGG16_WIDTHS[-1][-1], c.fc6[0], c.fc6[0]) for n, c in ARCHS.items()}
+    return {name: expected_shapes(name)["fc6.weight"] for name in ARCHS}
 
 
 def convert_caffemodel(src: str | os.PathLike, dst: str | os.PathLike, arch: str | None = None) -> Weights:
@@ -241,36 +245,32 @@ def convert_caffemodel(src: str | os.PathLike, dst: str | os.PathLike, arch: str
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing: a .caffemodel from a state dict and a deploy prototxt for an architecture. They let
-# Caffe or OpenCV (cv2.dnn.readNetFromCaffe) run the same network as ours.
+# A deploy prototxt for an architecture: lets Caffe or OpenCV (cv2.dnn.readNetFromCaffe) run the same network
+# as ours on a converted model (the tests' independent check). deeplab_cli.testing writes matching .caffemodels.
 
 
-def caffemodel_bytes(sd: dict[str, torch.Tensor], fc8_name: str = "fc8_voc12", legacy: bool = False) -> bytes:
-    """Serialize our state dict as a NetParameter: new-style `layer`s with blob shapes, or legacy V1 `layers`
-    with num/channels/height/width blobs and biases stored [1, 1, 1, n] (as the authors' old files do)."""
-    net = messages(raw=True).NetParameter(name="DeepLab")
-    for name in LAYER_ORDER:
-        layer = net.layers.add() if legacy else net.layer.add()
-        layer.name = fc8_name if name == "fc8" else name
-        layer.type = V1_CONVOLUTION if legacy else "Convolution"
-        for key in ("weight", "bias"):
-            arr = sd[f"{name}.{key}"].detach().to("cpu", torch.float32).contiguous().numpy()
-            blob = layer.blobs.add()
-            if legacy:
-                blob.num, blob.channels, blob.height, blob.width = arr.shape if arr.ndim == 4 else (1, 1, 1, arr.size)
-            else:
-                blob.shape.dim.extend(arr.shape)
-            blob.data.append(arr.astype("<f4").tobytes())
-    return net.SerializeToString()
+def caffe_name(layer: Layer, fc8_name: str = "fc8_voc12") -> str:
+    """A layer's name in the authors' Caffe files: the class-score layer carries the model's suffix (fc8_voc12)."""
+    return fc8_name if layer.scores else layer.name
 
 
-def write_caffemodel(
-    sd: dict[str, torch.Tensor], path: str | os.PathLike, fc8_name: str = "fc8_voc12", legacy: bool = False
-) -> None:
-    """Write our state dict as a .caffemodel (atomically); see caffemodel_bytes for the two layouts."""
-    from .io import write_bytes
+def _prototxt_params(layer: Layer) -> str:
+    if layer.kind == "conv":
+        extra = "".join(f" {key}: {value}" for key, value, default in
+                        (("stride", layer.stride, 1), ("pad", layer.pad, 0), ("dilation", layer.dilation, 1))
+                        if value != default)
+        return f"convolution_param {{ num_output: {layer.out_channels} kernel_size: {layer.kernel}{extra} }}"
+    if layer.kind in ("max_pool", "ave_pool"):
+        pool = "MAX" if layer.kind == "max_pool" else "AVE"
+        return (f"pooling_param {{ pool: {pool} kernel_size: {layer.kernel} stride: {layer.stride} "
+                f"pad: {layer.pad} }}")
+    if layer.kind == "dropout":
+        return "dropout_param { dropout_ratio: 0.5 }"
+    return ""
 
-    write_bytes(path, caffemodel_bytes(sd, fc8_name, legacy))
+
+_PROTOTXT_TYPES = {"conv": "Convolution", "relu": "ReLU", "dropout": "Dropout", "max_pool": "Pooling",
+                   "ave_pool": "Pooling"}
 
 
 def deploy_prototxt(
@@ -287,40 +287,19 @@ def deploy_prototxt(
     the original DeepLab's crop of 7 at the start is left to the reader (transforms.upsample_scores does it).
     """
     cfg = get_arch(arch)
+    layers = cfg.layers(num_classes)
+    names = {layer.top: caffe_name(layer, fc8_name) for layer in layers if layer.scores}  # fc8 → fc8_voc12
     lines = [f'name: "DeepLab-{cfg.name}"', 'input: "data"',
              f"input_shape {{ dim: 1 dim: 3 dim: {height} dim: {width} }}"]
 
-    def layer(name: str, type_: str, bottom: str, top: str, params: str = "") -> None:
-        params = f" {params}" if params else ""
-        lines.append(f'layer {{ name: "{name}" type: "{type_}" bottom: "{bottom}" top: "{top}"{params} }}')
+    def add(name: str, type_: str, bottoms: list[str], top: str, params: str = "") -> None:
+        fields = "".join(f' bottom: "{b}"' for b in bottoms) + f' top: "{top}"' + (f" {params}" if params else "")
+        lines.append(f'layer {{ name: "{name}" type: "{type_}"{fields} }}')
 
-    def conv(name: str, bottom: str, out: int, kernel: int, pad: int = 0, dilation: int = 1) -> None:
-        extra = (f" pad: {pad}" if pad else "") + (f" dilation: {dilation}" if dilation > 1 else "")
-        params = f"convolution_param {{ num_output: {out} kernel_size: {kernel}{extra} }}"
-        layer(name, "Convolution", bottom, name, params)
-
-    bottom = "data"
-    for block, widths in enumerate(VGG16_WIDTHS, start=1):
-        hole = 2 if block == 5 else 1
-        for i, out in enumerate(widths, start=1):
-            conv(f"conv{block}_{i}", bottom, out, 3, pad=hole, dilation=hole)
-            bottom = f"conv{block}_{i}"
-            layer(f"relu{block}_{i}", "ReLU", bottom, bottom)
-        kernel, stride, pad = cfg.pools[block - 1]
-        layer(f"pool{block}", "Pooling", bottom, f"pool{block}",
-              f"pooling_param {{ pool: MAX kernel_size: {kernel} stride: {stride} pad: {pad} }}")
-        bottom = f"pool{block}"
-    if cfg.pool5a:
-        layer("pool5a", "Pooling", bottom, "pool5a", "pooling_param { pool: AVE kernel_size: 3 stride: 1 pad: 1 }")
-        bottom = "pool5a"
-    kernel, dilation, pad, channels = cfg.fc6
-    conv("fc6", bottom, channels, kernel, pad=pad, dilation=dilation)
-    layer("relu6", "ReLU", "fc6", "fc6")
-    layer("drop6", "Dropout", "fc6", "fc6", "dropout_param { dropout_ratio: 0.5 }")
-    conv("fc7", "fc6", cfg.fc7, 1)
-    layer("relu7", "ReLU", "fc7", "fc7")
-    layer("drop7", "Dropout", "fc7", "fc7", "dropout_param { dropout_ratio: 0.5 }")
-    conv(fc8_name, "fc7", num_classes, 1)
+    for layer in layers:
+        add(caffe_name(layer, fc8_name), _PROTOTXT_TYPES[layer.kind], [names.get(b, b) for b in layer.bottoms],
+            names.get(layer.top, layer.top), _prototxt_params(layer))
     if interp:
-        layer("fc8_interp", "Interp", fc8_name, "fc8_interp", f"interp_param {{ zoom_factor: {cfg.output_stride} }}")
+        scores = names.get(layers[-1].top, layers[-1].top)
+        add("fc8_interp", "Interp", [scores], "fc8_interp", f"interp_param {{ zoom_factor: {cfg.output_stride} }}")
     return "\n".join(lines) + "\n"

@@ -32,11 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from .batch import ImageResult, Job
-from .crf import CRFParams, resolve_backend
-from .errors import DeeplabError, UsageError
-from .resolution import DEFAULT_MAX_SIDE
-from .ray_stages import NetworkStage, AttemptLedger, crf_and_write, decode_rows, refine_pydensecrf, refine_torch_cpu
+from ..archs import get_arch
+from ..crf import CRFParams, resolve_backend
+from ..errors import DeeplabError, UsageError
+from ..precision import check_precision
+from ..resolution import DEFAULT_MAX_SIDE
+from .engine import ImageResult
+from .inputs import Job
+from .ray_stages import AttemptLedger, NetworkStage, crf_and_write, decode_rows, refine_pydensecrf, refine_torch_cpu
 
 LOST = "lost (its work was dropped by Ray after repeated failures of its worker or node)"
 # from_items costs ~1 ms of driver time per block (measured: 1 M rows in 125,000 blocks 159 s, in 15,625 blocks 25 s)
@@ -171,17 +174,13 @@ class RayRun:
         import ray.data
         from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-        from .model import get_arch
-        from .pipeline import PRECISIONS, default_precision
-        from .transforms import padded_size
+        from ..transforms import padded_size
 
         opts = self.options
         resources = ray.cluster_resources()
         gpus = resources.get("GPU", 0)
         device = network_device(self.device, gpus)
-        precision = self.precision or default_precision(_torch_device(device))
-        if precision not in PRECISIONS or (precision == "fp16" and device == "cpu"):
-            raise UsageError(f"precision {precision} is not offered on {device}; use fp32 or bf16 on the CPU")
+        precision = check_precision(self.precision, device)
         arch = get_arch(self.weights.arch)
         try:
             padded_size(1, 1, arch, self.pad_to)
@@ -288,12 +287,6 @@ class RayRun:
 class _Indexed:
     job_index: int
     result: ImageResult
-
-
-def _torch_device(kind: str) -> Any:
-    import torch
-
-    return torch.device(kind)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,571 @@
+"""The streaming engine: many images through the Segmenter with every stage overlapping; resumable, never
+losing work.
+
+    run = run_batch(segmenter, jobs, crf_workers=2)        # jobs: batch.inputs.Job
+    for result in run:                                     # ImageResult, in completion order
+        print(result.job.path, result.status, result.error, result.timings)
+    run.interrupted                                        # True when Ctrl-C (or run.stop()) ended it early
+
+A `Job` with `outputs=None` (e.g. `Job(Path("x.jpg"), tag=label_path)`) is computed but writes nothing:
+the consumer takes what it needs from the result. `keep_probs=True` keeps the probabilities before the CRF,
+`keep_crf_probs=True` those after it, `keep_images=True` the decoded image. One network pass gives both
+`labels_before_crf` (argmax of the network's probabilities) and `labels_after_crf` (argmax after the CRF;
+None when the Segmenter has no CRF or `use_crf=False`), which is what `evaluate --crf both` needs. `tag` is
+carried through untouched (a ground-truth path, a sample id).
+
+Pipeline (each arrow a bounded queue, so memory stays flat however many files there are):
+  read + decode on a thread pool → group images of one padded size into batches of `batch_size`
+  → network + 8× upsampling + softmax on the segmenter's device (one thread; torch.set_num_threads(net_threads))
+  → CRF on batch.crf_pool.CRFPool: worker processes (each single-threaded; on a GPU machine at a lower
+    priority, `crf_nice`, so the thread feeding the device is never kept waiting for a core) or, for the torch
+    CRF backend on CUDA, one thread on the device
+  → encode + atomic write on a thread pool → the consumer.
+At most a fixed number of images are past the network and not yet taken by the consumer (`_InFlight`).
+Per-image seconds per stage land in `ImageResult.timings` (stages.BATCH_STAGES). A batch's network and
+upsampling time is shared equally among its images.
+
+Interrupts: while a run is iterated in the main thread, the first SIGINT stops feeding new images, the
+images already past decoding are finished (and written), then the iteration ends with `interrupted` set
+(`run.stop()` does the same from code; `run.close()` or leaving the loop ends it without marking it
+interrupted). A second SIGINT drops the work in flight, lets only the network call under way finish,
+and raises KeyboardInterrupt. Outputs are written to a temporary name and renamed (the mask last), so
+even a SIGKILL leaves no truncated file; `batch.inputs.remove_stale_parts` clears the temporary files it
+may leave. A CRF worker that dies (OOM killer) fails the images it held; a fresh pool takes the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import DeeplabError, UsageError
+from ..io import decode_image, encode_mask_png, overlay_image, read_bytes, write_bytes, write_image, write_probs
+from .crf_pool import CRFPool, crf_task
+from .inputs import Job, OutputPaths
+
+if TYPE_CHECKING:
+    from ..pipeline import Segmenter
+
+
+@dataclass(eq=False)
+class ImageResult:
+    """One image's outcome. status: 'done', 'failed' or 'skipped'; arrays are None unless asked for (keep_*).
+
+    labels_before_crf / labels_after_crf: (H, W) uint8; image: (H, W, 3) uint8; probs (before the CRF) and
+    crf_probs (after): (C, H, W) float32; timings: seconds per stage (stages.BATCH_STAGES) spent on this image.
+    """
+
+    job: Job
+    status: str
+    error: str | None = None
+    shape: tuple[int, int] | None = None
+    labels_before_crf: np.ndarray | None = None
+    labels_after_crf: np.ndarray | None = None
+    image: np.ndarray | None = None
+    probs: np.ndarray | None = None
+    crf_probs: np.ndarray | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """The final labels: after the CRF when there was one, else the network's argmax."""
+        return self.labels_after_crf if self.labels_after_crf is not None else self.labels_before_crf
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+    def report_record(self) -> dict[str, Any]:
+        """The --report line: path, output, status, error, timings (seconds), plus size and extra outputs."""
+        outputs = self.job.outputs
+        record: dict[str, Any] = {
+            "path": str(self.job.path),
+            "output": str(outputs.mask) if outputs else None,
+            "status": self.status,
+            "error": self.error,
+            "timings": {k: round(v, 6) for k, v in self.timings.items()},
+        }
+        if self.shape is not None:
+            record["size"] = [self.shape[1], self.shape[0]]  # width, height as image tools print them
+        if outputs and outputs.overlay:
+            record["overlay"] = str(outputs.overlay)
+        if outputs and outputs.probs:
+            record["probs"] = str(outputs.probs)
+        return record
+
+
+def skipped_result(job: Job) -> ImageResult:
+    """The result recorded for a job whose outputs are already complete."""
+    return ImageResult(job, "skipped")
+
+
+def error_text(exc: BaseException, path: Path) -> str:
+    """An exception as a one-line reason, without the path prefix our own errors carry."""
+    text = str(exc) or type(exc).__name__
+    prefix = f"{path}: "
+    text = text.removeprefix(prefix)
+    return " ".join(text.split())
+
+
+@dataclass(eq=False)
+class _Item:
+    job: Job
+    image: np.ndarray | None = None
+    size: tuple[int, int] = (0, 0)  # padded network input (H', W')
+    probs: np.ndarray | None = None
+    labels_before_crf: np.ndarray | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Message:
+    """What the stages send the consumer: a result (holding a slot or not), a crash, or the end."""
+
+    def __init__(self, result: ImageResult | None = None, slot: bool = False, crash: BaseException | None = None):
+        self.result, self.slot, self.crash = result, slot, crash
+
+
+_END = object()  # the last message of a stage
+_NOTHING = object()  # no queue entry yet
+
+
+class _Aborted(Exception):
+    """Raised between stages once a run is aborted, so the images in flight are dropped."""
+
+
+class _Lookahead:
+    """Reads a queue one entry ahead, so the reader can see whether the next entry is ready without taking it."""
+
+    def __init__(self, source: queue.Queue) -> None:
+        self._source = source
+        self._head: Any = _NOTHING
+
+    def peek(self) -> Any:
+        """The next entry without waiting (_NOTHING when there is none yet); it stays next."""
+        if self._head is _NOTHING:
+            with contextlib.suppress(queue.Empty):
+                self._head = self._source.get_nowait()
+        return self._head
+
+    def get(self, timeout: float) -> Any:
+        """Take the next entry, waiting up to timeout seconds (queue.Empty if none came)."""
+        head, self._head = self._head, _NOTHING
+        return self._source.get(timeout=timeout) if head is _NOTHING else head
+
+
+class _InFlight:
+    """The images past the network: at most `limit` until the consumer takes their results (back-pressure), and
+    how many are still being worked on (CRF, writing), so the run ends only when none is."""
+
+    def __init__(self, limit: int) -> None:
+        self._slots = threading.Semaphore(limit)
+        self._working = 0
+        self._changed = threading.Condition()
+
+    def reserve(self, n: int, stop: threading.Event) -> bool:
+        """Wait for room for n images; False (holding nothing) once stopped, as no new image starts then."""
+        held = 0
+        while held < n:
+            if self._slots.acquire(timeout=0.1):
+                held += 1
+            elif stop.is_set():
+                self.release(held)
+                return False
+        return True
+
+    def release(self, n: int = 1) -> None:
+        """Give back n slots: the consumer took the results, or the images never went downstream."""
+        if n:
+            self._slots.release(n)
+
+    def begin(self) -> None:
+        """One reserved image goes downstream (CRF, writing)."""
+        with self._changed:
+            self._working += 1
+
+    def end(self) -> None:
+        """One image downstream is done: its result is on its way to the consumer."""
+        with self._changed:
+            self._working -= 1
+            self._changed.notify_all()
+
+    def wait_idle(self, aborting: Callable[[], bool]) -> None:
+        """Wait until no image is downstream, or the run is aborted."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._working <= 0 or aborting())
+
+    def wake(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+
+class BatchRun:
+    """An iterable run of the pipeline over jobs; iterate once to get ImageResults as they finish (see run_batch)."""
+
+    def __init__(
+        self,
+        segmenter: Segmenter,
+        jobs: Iterable[Job],
+        batch_size: int | None = None,
+        crf_workers: int | None = None,
+        decode_workers: int | None = None,
+        write_workers: int = 2,
+        net_threads: int | None = None,
+        crf_nice: int | None = None,
+        keep_images: bool = False,
+        keep_probs: bool = False,
+        keep_crf_probs: bool = False,
+        handle_sigint: bool = True,
+        on_interrupt: Callable[[], None] | None = None,
+        use_crf: bool = True,
+    ) -> None:
+        cores = os.cpu_count() or 1
+        self.segmenter = segmenter
+        self._jobs = jobs
+        self.batch_size = batch_size or (1 if segmenter.device.type == "cpu" else 8)
+        self.crf_workers = cores if crf_workers is None else crf_workers
+        self.decode_workers = decode_workers or min(4, cores)
+        self.write_workers = max(1, write_workers)
+        self.net_threads = net_threads
+        # On the CPU the network and the CRF share the cores, and equal priority measured best
+        # (benchmarks/batch_pipeline.py); on a GPU the thread feeding the device must win the CPU at once.
+        self.crf_nice = crf_nice if crf_nice is not None else (0 if segmenter.device.type == "cpu" else 10)
+        self.keep_images, self.keep_probs, self.keep_crf_probs = keep_images, keep_probs, keep_crf_probs
+        self.handle_sigint = handle_sigint
+        self.on_interrupt = on_interrupt
+        self.crf = segmenter.crf if use_crf else None  # the CRF parameters this run applies (None: no CRF)
+        if self.batch_size < 1 or self.crf_workers < 0 or self.decode_workers < 1:
+            raise UsageError("batch size and worker counts must be positive (--crf-workers 0: CRF in this process)")
+        self.interrupted = False
+        self.wall = 0.0  # seconds from the first result asked for to the end
+        self._started = False
+        self._generator: Iterator[ImageResult] | None = None
+        self._aborting = False
+        self._stop = threading.Event()
+        self._results: queue.Queue = queue.Queue()
+        self._decoded: queue.Queue = queue.Queue(maxsize=max(2 * self.decode_workers, 2 * self.batch_size))
+        self._in_flight = _InFlight(2 * max(self.crf_workers, 1) + self.write_workers + self.batch_size)
+        crf_on_device = self.crf is not None and segmenter.crf_backend == "torch" and segmenter.device.type == "cuda"
+        self._crf_pool = CRFPool(self.crf_workers, self.crf_nice, in_process=crf_on_device)
+
+    # -- control
+
+    def stop(self) -> None:
+        """Stop feeding new images; those past decoding are finished, then the iteration ends."""
+        self.interrupted = True
+        self._stop.set()
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._stop.is_set():  # a second Ctrl-C aborts at once
+            self._abort()
+            raise KeyboardInterrupt
+        self.stop()
+        if self.on_interrupt:
+            self.on_interrupt()
+
+    def _abort(self) -> None:
+        """Drop the work in flight too: only the network call under way is let finish (torch must not be
+        inside a call when the interpreter exits)."""
+        self._aborting = True
+        self._stop.set()
+        self._in_flight.wake()
+
+    def close(self) -> None:
+        """End an iteration early: in-flight images are finished and written, no new ones start."""
+        if self._generator is not None:
+            self._generator.close()
+
+    # -- the consumer side
+
+    def __iter__(self) -> Iterator[ImageResult]:
+        if self._started:
+            raise RuntimeError("a BatchRun can be iterated only once")
+        self._started = True
+        self._generator = self._generate()
+        return self._generator
+
+    def _generate(self) -> Iterator[ImageResult]:
+        t0 = time.perf_counter()
+        install = self.handle_sigint and threading.current_thread() is threading.main_thread()
+        if install:
+            self._previous_sigint = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._on_sigint)
+        self._decode_pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="deeplab-decode")
+        self._write_pool = ThreadPoolExecutor(self.write_workers, thread_name_prefix="deeplab-write")
+        if self.crf is not None:
+            self._crf_pool.start()  # the workers start while the first images decode
+        feeder = threading.Thread(target=self._guard(self._feed), name="deeplab-feed", daemon=True)
+        device = threading.Thread(target=self._guard(self._device_loop), name="deeplab-device", daemon=True)
+        feeder.start()
+        device.start()
+        clean = False
+        try:
+            while True:
+                message = self._results.get()
+                if message is _END:
+                    break
+                if message.slot:
+                    self._in_flight.release()
+                if message.crash is not None:
+                    raise message.crash
+                yield message.result
+            clean = True
+        except KeyboardInterrupt:
+            self._abort()
+            raise
+        finally:
+            self.wall = time.perf_counter() - t0
+            if not clean:
+                self._stop.set()
+            aborting = self._aborting
+            feeder.join()
+            device.join()
+            self._decode_pool.shutdown(wait=not aborting, cancel_futures=True)
+            self._write_pool.shutdown(wait=not aborting, cancel_futures=aborting)
+            self._crf_pool.shutdown(wait=not aborting)
+            if install:
+                with contextlib.suppress(ValueError, TypeError):
+                    if signal.getsignal(signal.SIGINT) == self._on_sigint:
+                        signal.signal(signal.SIGINT, self._previous_sigint)
+
+    def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
+        """Run a stage thread; a bug in it reaches the consumer as an exception instead of a hang."""
+
+        def run() -> None:
+            try:
+                target()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer's thread
+                self._stop.set()
+                self._results.put(_Message(crash=exc))
+                if target == self._device_loop:
+                    self._in_flight.wait_idle(lambda: self._aborting)
+                    self._results.put(_END)
+
+        return run
+
+    # -- stage 1: read + decode (thread pool), fed in job order through a bounded queue
+
+    def _feed(self) -> None:
+        for job in self._jobs:
+            if self._stop.is_set():
+                break
+            future = self._decode_pool.submit(self._decode, job)
+            if not self._put(self._decoded, (job, future)):
+                future.cancel()
+                break
+        self._put(self._decoded, _END, force=True)
+
+    def _put(self, q: queue.Queue, item: Any, force: bool = False) -> bool:
+        """Put with back-pressure; gives up (False) once stopped unless forced."""
+        while True:
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                if self._stop.is_set() and not force:
+                    return False
+                if force and self._stop.is_set():
+                    with contextlib.suppress(queue.Empty):
+                        entry = q.get_nowait()  # stopped: the device side discards queued work anyway
+                        if entry is not _END:
+                            entry[1].cancel()
+
+    def _decode(self, job: Job) -> _Item:
+        t0 = time.perf_counter()
+        image = decode_image(read_bytes(job.path), str(job.path))
+        item = _Item(job, image, self.segmenter.input_size(*image.shape[:2]))
+        item.timings["decode"] = time.perf_counter() - t0
+        return item
+
+    # -- stage 2: batching + network + upsampling on the device (one thread)
+
+    def _device_loop(self) -> None:
+        import torch
+
+        previous_threads = torch.get_num_threads()
+        if self.net_threads:
+            torch.set_num_threads(self.net_threads)
+        buckets: OrderedDict[tuple[int, int], list[_Item]] = OrderedDict()
+        decoded = _Lookahead(self._decoded)
+        try:
+            while not self._stop.is_set():
+                if buckets and not self._ready(decoded.peek()):
+                    self._run_network(buckets.popitem(last=False)[1])  # don't let the device idle waiting
+                    continue
+                try:
+                    entry = decoded.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if entry is _END:
+                    while buckets and not self._stop.is_set():
+                        self._run_network(buckets.popitem(last=False)[1])
+                    break
+                job, future = entry
+                try:
+                    item = future.result()
+                except Exception as exc:  # noqa: BLE001 - any decode failure is this image's failure
+                    self._results.put(_Message(ImageResult(job, "failed", error_text(exc, job.path))))
+                    continue
+                bucket = buckets.setdefault(item.size, [])
+                bucket.append(item)
+                if len(bucket) >= self.batch_size:
+                    del buckets[item.size]
+                    self._run_network(bucket)
+                elif sum(map(len, buckets.values())) >= 2 * self.batch_size:
+                    self._run_network(buckets.popitem(last=False)[1])
+            # Stopped: work not yet on the device is dropped (it is not in flight); the rest finishes.
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    entry = decoded.get(timeout=0)
+                    if entry is not _END:
+                        entry[1].cancel()
+        finally:
+            torch.set_num_threads(previous_threads)
+        self._in_flight.wait_idle(lambda: self._aborting)
+        self._results.put(_END)
+
+    @staticmethod
+    def _ready(entry: Any) -> bool:
+        """True when a queue entry is a decoded image ready to be taken (so batching can wait for it)."""
+        return entry is not _NOTHING and entry is not _END and entry[1].done()
+
+    def _run_network(self, items: list[_Item]) -> None:
+        if not self._in_flight.reserve(len(items), self._stop):
+            return  # only happens once stopped: these images were never started
+        try:
+            self._network(items)
+            if self._aborting:
+                raise _Aborted
+        except _Aborted:
+            self._in_flight.release(len(items))
+            return
+        except Exception as exc:  # noqa: BLE001
+            if len(items) > 1:  # e.g. out of memory: retry one by one so only the culprit fails
+                self._in_flight.release(len(items))
+                for item in items:
+                    self._run_network([item])
+                return
+            self._in_flight.begin()
+            self._emit(items[0], ImageResult(items[0].job, "failed", f"network failed: {error_text(exc, items[0].job.path)}",
+                                             shape=items[0].image.shape[:2]))
+            return
+        for item in items:
+            self._in_flight.begin()
+            self._submit_crf(item)
+
+    def _network(self, items: list[_Item]) -> None:
+        import torch
+
+        seg = self.segmenter
+        sync = torch.cuda.synchronize if seg.device.type == "cuda" else (lambda *a: None)
+        needs_probs = self.crf is not None or self.keep_probs or any(i.job.outputs and i.job.outputs.probs for i in items)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            scores = seg.scores(seg.prepare([item.image for item in items], items[0].size))
+            sync(seg.device)
+            t1 = time.perf_counter()
+            all_probs = seg.probs_from_scores(scores, [item.image.shape[:2] for item in items])
+            for item, probs in zip(items, all_probs):
+                item.labels_before_crf = probs.argmax(0).to(torch.uint8).cpu().numpy()
+                item.probs = probs.cpu().numpy() if needs_probs else None
+            sync(seg.device)
+            t2 = time.perf_counter()
+        n = len(items)
+        for item in items:
+            item.timings["network"] = (t1 - t0) / n
+            item.timings["upsample"] = (t2 - t1) / n
+
+    # -- stage 3: CRF (worker processes, or one thread on the device for the torch backend on CUDA)
+
+    def _submit_crf(self, item: _Item) -> None:
+        if self.crf is None:
+            self._write_pool.submit(self._finish, item, None)
+            return
+        try:
+            if self._crf_pool.in_process:
+                future = self._crf_pool.submit(self._crf_here, item)
+            else:
+                future = self._crf_pool.submit(crf_task, item.image, item.probs, self.crf, self.keep_crf_probs,
+                                               self.segmenter.crf_backend)
+        except DeeplabError as exc:
+            self._emit(item, ImageResult(item.job, "failed", str(exc), shape=item.image.shape[:2]))
+            return
+        future.add_done_callback(lambda f, item=item: self._to_writer(item, f))
+
+    def _to_writer(self, item: _Item, crf: Future) -> None:
+        """CRF done (in the pool's thread): hand the image to the writers, unless the run was aborted."""
+        if self._aborting:
+            return
+        with contextlib.suppress(RuntimeError):  # the writers shut down: only after an abort
+            self._write_pool.submit(self._finish, item, crf)
+
+    def _crf_here(self, item: _Item) -> tuple[np.ndarray, np.ndarray | None, float]:
+        t0 = time.perf_counter()
+        q = self.segmenter.refine(item.image, item.probs)
+        return q.argmax(axis=0).astype(np.uint8), (q if self.keep_crf_probs else None), time.perf_counter() - t0
+
+    # -- stage 4: encode + write (thread pool), then hand the result to the consumer
+
+    def _finish(self, item: _Item, crf: Future | None) -> None:
+        job = item.job
+        result = ImageResult(job, "done", shape=item.image.shape[:2], labels_before_crf=item.labels_before_crf,
+                             timings=item.timings)
+        try:
+            if crf is not None:
+                labels, q, seconds = self._crf_pool.result(crf)
+                result.labels_after_crf, result.crf_probs = labels, q
+                item.timings["crf"] = seconds
+            probs = item.probs if isinstance(item.probs, np.ndarray) else None
+            t0 = time.perf_counter()
+            if job.outputs is not None:
+                self._write_outputs(job.outputs, item.image, result.labels, probs)
+            item.timings["write"] = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 - a failure of this image only
+            result.status, result.error = "failed", error_text(exc, job.path)
+            result.labels_after_crf = result.crf_probs = None
+        if self.keep_images:
+            result.image = item.image
+        if self.keep_probs and result.ok:
+            result.probs = probs
+        self._emit(item, result)
+
+    @staticmethod
+    def _write_outputs(outputs: OutputPaths, image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None) -> None:
+        if outputs.probs is not None:
+            write_probs(outputs.probs, probs)
+        if outputs.overlay is not None:
+            write_image(outputs.overlay, overlay_image(image, labels))
+        write_bytes(outputs.mask, encode_mask_png(labels))  # the mask last: it marks the image as complete
+
+    def _emit(self, item: _Item, result: ImageResult) -> None:
+        item.image = item.probs = None
+        self._results.put(_Message(result, slot=True))
+        self._in_flight.end()
+
+
+def run_batch(segmenter: Segmenter, jobs: Iterable[Job], **options: Any) -> BatchRun:
+    """Stream jobs through decode → network → upsample → CRF → write; iterate the returned run for ImageResults.
+
+    Options (all keyword): batch_size (images of one padded size per network call; default 1 on CPU, 8 on
+    CUDA), crf_workers (CRF processes for the pydensecrf backend, default the core count; 0 runs it on one
+    thread here; the torch backend always runs on one thread), decode_workers (default min(4, cores)),
+    write_workers (2), net_threads (torch.set_num_threads while running, restored after; None leaves
+    torch's setting), crf_nice (added to the CRF workers' niceness; 0 on CPU, 10 on CUDA), keep_images / keep_probs /
+    keep_crf_probs (keep those arrays in the results), handle_sigint (first Ctrl-C stops gracefully,
+    True; only in the main thread), on_interrupt (called from the signal handler), use_crf (False: skip the
+    segmenter's CRF).  Results arrive in
+    completion order; failures are results with status 'failed' and a one-line error, never exceptions.
+    jobs may be a lazy iterable; at most a few batches' worth of images are decoded ahead.
+    """
+    return BatchRun(segmenter, jobs, **options)
