@@ -206,21 +206,6 @@ def test_large_photo_runs_at_the_working_resolution_like_segment(tmp_path: Path,
     assert ours.shape == (800, 1100) and np.array_equal(ours, theirs)
 
 
-# ---------------------------------------------------------------------------------------------
-# Two simulated nodes: spread, a killed network actor, a poison image
-
-
-def _abort_on_width_61(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
-    """A CRF that crashes its process (SIGABRT) on every image 61 px wide; counts the crashes in $POISON_LOG."""
-    if image.shape[1] == 61:
-        with open(os.environ["POISON_LOG"], "a") as log:
-            log.write("crash\n")
-        os.abort()
-    from deeplab_cli.batch.ray_stages import refine_pydensecrf
-
-    return refine_pydensecrf(image, probs, params)
-
-
 def _ray_processes(marker: str) -> list[int]:
     """Pids of live processes whose command line or environment mentions marker (Ray's workers retitle their
     command line, so a test marks the processes it starts through an environment variable they inherit)."""
@@ -234,6 +219,57 @@ def _ray_processes(marker: str) -> list[int]:
             if marker.encode() in text:
                 pids.append(int(entry))
     return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds Ray's processes through /proc")
+def test_cli_subprocess_interrupted_leaves_no_ray_process_and_resumes(tmp_path: Path, photo: np.ndarray,
+                                                                     weights_file: Path, local_ray: None) -> None:
+    """The real command with its private local Ray: Ctrl-C after the first mask exits 130 with only whole files
+    and leaves no Ray process behind; the rerun (in this process, on the module's Ray) does the rest."""
+    root, out = tmp_path / "in", tmp_path / "out"
+    root.mkdir()
+    for i in range(16):
+        resized(photo, 50 + i, 40).save(root / f"x{i:02}.jpg")
+    temp = tempfile.mkdtemp(prefix="dlr", dir="/tmp")  # every Ray process of these runs inherits $RAY_TMPDIR
+    env = {**os.environ, "RAY_TMPDIR": temp, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "deeplab_cli.cli", "batch", str(root), "-o", str(out), "--weights", str(weights_file),
+           "--engine", "ray", *FAST]
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 150
+    while not (out.is_dir() and any(out.glob("*.png"))) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "not started (interrupted)" in err
+    written = list(out.iterdir())
+    assert 0 < len(written) < 16 and all(p.suffix == ".png" for p in written)  # whole files only, no temporary names
+    deadline = time.monotonic() + 20
+    while _ray_processes(temp) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _ray_processes(temp) == []
+
+    res = run(root, "-o", out, "--weights", weights_file, "--engine", "ray", *FAST)
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == [f"x{i:02}.png" for i in range(16)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Two simulated nodes: spread, a killed network actor, a poison image
+
+
+def _abort_on_width_61(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
+    """A CRF that crashes its process (SIGABRT) on every image 61 px wide; counts the crashes in $POISON_LOG."""
+    if image.shape[1] == 61:
+        with open(os.environ["POISON_LOG"], "a") as log:
+            log.write("crash\n")
+        os.abort()
+    from deeplab_cli.batch.ray_stages import refine_pydensecrf
+
+    return refine_pydensecrf(image, probs, params)
 
 
 def _children(pids: set[int]) -> dict[int, str]:
@@ -307,43 +343,3 @@ def test_two_node_cluster_spreads_work_survives_a_killed_actor_and_fails_a_poiso
     while _ray_processes(str(poison_log)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _ray_processes(str(poison_log)) == []  # every process the cluster started carries $POISON_LOG
-
-
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds Ray's processes through /proc")
-def test_cli_subprocess_interrupted_then_resumed_leaves_no_ray_process(tmp_path: Path, photo: np.ndarray,
-                                                                     weights_file: Path) -> None:
-    """The real command with its private local Ray: Ctrl-C after the first mask exits 130 with only whole files;
-    the rerun does the rest; neither run leaves a Ray process behind."""
-    root, out = tmp_path / "in", tmp_path / "out"
-    root.mkdir()
-    for i in range(16):
-        resized(photo, 50 + i, 40).save(root / f"x{i:02}.jpg")
-    temp = tempfile.mkdtemp(prefix="dlr", dir="/tmp")  # every Ray process of these runs inherits $RAY_TMPDIR
-    env = {**os.environ, "RAY_TMPDIR": temp, "PYTHONPATH": os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "deeplab_cli.cli", "batch", str(root), "-o", str(out), "--weights", str(weights_file),
-           "--engine", "ray", *FAST]
-
-    def no_ray_left() -> list[int]:
-        deadline = time.monotonic() + 20
-        while _ray_processes(temp) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return _ray_processes(temp)
-
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 150
-    while not (out.is_dir() and any(out.glob("*.png"))) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and "not started (interrupted)" in err
-    written = list(out.iterdir())
-    assert 0 < len(written) < 16 and all(p.suffix == ".png" for p in written)  # whole files only, no temporary names
-    assert no_ray_left() == []
-
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert res.returncode == 0, res.stderr
-    assert sorted(p.name for p in out.iterdir()) == [f"x{i:02}.png" for i in range(16)]
-    assert no_ray_left() == []
