@@ -137,7 +137,11 @@ def main() -> None:
         if weights is None:
             weights = work / "random.safetensors"
             _write_random_weights(weights)
-        report: dict[str, object] = {"cpu": _cpu_model(), "cores": os.cpu_count()}
+        import torch
+
+        from deeplab_cli.benchmark import device_name
+
+        report: dict[str, object] = {"cpu": device_name(torch.device("cpu")), "cores": os.cpu_count()}
         report["load_before"] = os.getloadavg()
         if not args.skip_overhead:
             report["overhead"] = overhead(weights, args.images, args.repeat, work)
@@ -152,16 +156,6 @@ def _write_random_weights(path: Path) -> None:
     from deeplab_cli.weightfiles.formats import save_weights
 
     save_weights(random_model("largefov", 21, 0).state_dict(), path, "largefov", {"source": "random (benchmark)"})
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

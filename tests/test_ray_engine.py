@@ -157,7 +157,7 @@ def test_ray_rerun_skips_and_recreates_a_deleted_output(tmp_path: Path, tree, we
 def test_ray_dataset_keeps_decode_out_of_the_model_actor(tmp_path: Path, photo_file: Path, weights_file: Path,
                                                          local_ray: None, capsys) -> None:
     jobs = plan_jobs(discover_inputs([photo_file]), tmp_path / "out")
-    RayRun(jobs, load_weights(weights_file), device="cpu").build_dataset(ray).explain()
+    RayRun(jobs, load_weights(weights_file), device="cpu").build_dataset().explain()
     plan = capsys.readouterr().out.split("Physical Plan (Optimized)")[-1]
     assert "TaskPoolMapOperator[MapBatches(decode_rows)]" in plan
     assert "ActorPoolMapOperator[MapBatches(NetworkStage)]" in plan  # not "decode_rows)->MapBatches(NetworkStage)"

@@ -4,7 +4,9 @@ dataset through the same engine). One module per job:
 - `inputs`: discovery of images (folders, globs, lists), output names, resumability checks (pure);
 - `engine`: the streaming pipeline (`run_batch`, `BatchRun`, `ImageResult`);
 - `crf_pool`: the CRF executor (worker processes or one thread), shared with folder `refine`;
-- `tree`: what the command does with a planned tree: skip, stream, report, summarise (`segment_tree`).
+- `tree`: what the command does with a planned tree: skip, stream, report, summarise (`segment_tree`);
+- `ray_engine`, `ray_stages`, `remote_inputs`: `--engine ray`, the same jobs on Ray Data (`RayRun`: the driver;
+  the work in Ray's workers; inputs and outputs named by URL). Imported on demand: Ray is an optional extra.
 
 Library API:
 

@@ -42,7 +42,7 @@ import signal
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +51,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import DeeplabError, UsageError
-from ..io import decode_image, encode_mask_png, overlay_image, read_bytes, write_bytes, write_image, write_probs
+from .. import storage
+from ..io import decode_image, decode_photo, encode_image, encode_mask_png, encode_probs, overlay_image, read_bytes
 from .crf_pool import CRFPool, crf_task
 from .inputs import Job, OutputPaths
 
@@ -529,7 +530,7 @@ class BatchRun:
             probs = item.probs if isinstance(item.probs, np.ndarray) else None
             t0 = time.perf_counter()
             if job.outputs is not None:
-                self._write_outputs(job.outputs, item.image, result.labels, probs)
+                write_outputs(job.outputs, item.image, result.labels, probs)
             item.timings["write"] = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - a failure of this image only
             result.status, result.error = "failed", error_text(exc, job.path)
@@ -540,18 +541,24 @@ class BatchRun:
             result.probs = probs
         self._emit(item, result)
 
-    @staticmethod
-    def _write_outputs(outputs: OutputPaths, image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None) -> None:
-        if outputs.probs is not None:
-            write_probs(outputs.probs, probs)
-        if outputs.overlay is not None:
-            write_image(outputs.overlay, overlay_image(image, labels))
-        write_bytes(outputs.mask, encode_mask_png(labels))  # the mask last: it marks the image as complete
-
     def _emit(self, item: _Item, result: ImageResult) -> None:
         item.image = item.probs = None
         self._results.put(_Message(result, slot=True))
         self._in_flight.end()
+
+
+def write_outputs(outputs: OutputPaths, image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None = None,
+                  class_names: Sequence[str] | None = None, source: str | os.PathLike | None = None) -> None:
+    """Write the probabilities and the overlay that outputs asks for, then the mask (last: it marks the image as
+    complete), each whole or not at all (paths or URLs, storage.write_bytes). labels (H, W) at full size; image
+    at that size, or smaller (a working resolution): the overlay then decodes `source` again at full size."""
+    if outputs.probs is not None:
+        storage.write_bytes(str(outputs.probs), encode_probs(probs))
+    if outputs.overlay is not None:
+        if image.shape[:2] != labels.shape and source is not None:
+            image = decode_photo(storage.read_bytes(str(source)), str(source))[0]
+        storage.write_bytes(str(outputs.overlay), encode_image(overlay_image(image, labels, class_names), outputs.overlay))
+    storage.write_bytes(str(outputs.mask), encode_mask_png(labels))
 
 
 def run_batch(segmenter: Segmenter, jobs: Iterable[Job], **options: Any) -> BatchRun:

@@ -37,6 +37,7 @@ from ..crf import CRFParams, resolve_backend
 from ..errors import DeeplabError, UsageError
 from ..precision import check_precision
 from ..resolution import DEFAULT_MAX_SIDE
+from ..stages import BATCH_STAGES
 from .engine import ImageResult
 from .inputs import Job
 from .ray_stages import AttemptLedger, NetworkStage, crf_and_write, decode_rows, refine_pydensecrf, refine_torch_cpu
@@ -141,7 +142,7 @@ class RayRun:
         self.startup = 0.0  # seconds from the start of the iteration to the first result
         self.placement: Counter[tuple[str, str]] = Counter()  # (stage, node id) → images
         self.description = ""
-        self._started = False
+        self._generator: Iterator[ImageResult] | None = None
         self._weights_ref: list[Any] = []
 
     def stop(self) -> None:
@@ -149,13 +150,15 @@ class RayRun:
         self.interrupted = True
 
     def close(self) -> None:
-        """Nothing to release beyond what the iteration releases itself (BatchRun's interface)."""
+        """End an iteration early: the work in flight is dropped, a private Ray stopped."""
+        if self._generator is not None:
+            self._generator.close()
 
     def __iter__(self) -> Iterator[ImageResult]:
-        if self._started:
+        if self._generator is not None:
             raise RuntimeError("a RayRun can be iterated only once")
-        self._started = True
-        return self._generate()
+        self._generator = self._generate()
+        return self._generator
 
     # -- the driver
 
@@ -169,8 +172,9 @@ class RayRun:
                          "overlay": str(out.overlay or ""), "probs": str(out.probs or "")})
         return rows
 
-    def build_dataset(self, ray: Any, ledger: Any = None) -> Any:
+    def build_dataset(self, ledger: Any = None) -> Any:
         """The lazy Ray Data pipeline the iteration executes (ledger: an AttemptLedger actor, None: no bookkeeping)."""
+        import ray
         import ray.data
         from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
@@ -235,15 +239,17 @@ class RayRun:
         ledger = ray.remote(num_cpus=0)(AttemptLedger).remote()
         seen: set[int] = set()
         try:
-            dataset = self.build_dataset(ray, ledger)
+            dataset = self.build_dataset(ledger)
             self.log(self.description)
             try:
                 for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                    for result in self._results(batch):
+                    for index, result in self._results(batch):
+                        if index in seen:  # a block Ray computed twice (lineage reconstruction)
+                            continue
                         if not self.startup:
                             self.startup = time.perf_counter() - t0
-                        seen.add(result.job_index)
-                        yield result.result
+                        seen.add(index)
+                        yield result
                     if self.interrupted:
                         return
             except KeyboardInterrupt:
@@ -265,9 +271,9 @@ class RayRun:
             with contextlib.suppress(Exception):
                 ray.kill(ledger)
 
-    def _results(self, batch: dict[str, np.ndarray]) -> Iterator[_Indexed]:
-        stages = ("decode", "network", "upsample", "crf", "write") if self.crf is not None else (
-            "decode", "network", "upsample", "write")
+    def _results(self, batch: dict[str, np.ndarray]) -> Iterator[tuple[int, ImageResult]]:
+        """The rows of a batch of the last stage's small columns → (job index, ImageResult)."""
+        stages = [stage for stage in BATCH_STAGES if stage != "crf" or self.crf is not None]
         for k in range(len(batch["index"])):
             index = int(batch["index"][k])
             status = str(batch["status"][k])
@@ -280,13 +286,7 @@ class RayRun:
             result = ImageResult(self.jobs[index], "done" if status == "ok" else "failed",
                                  None if status == "ok" else str(batch["error"][k]),
                                  shape=(height, width) if height else None, timings=timings)
-            yield _Indexed(index, result)
-
-
-@dataclass
-class _Indexed:
-    job_index: int
-    result: ImageResult
+            yield index, result
 
 
 def _first_line(exc: BaseException) -> str:

@@ -28,16 +28,18 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..crf import CRFParams, dense_crf, dense_crf_pydensecrf
-from ..io import decode_photo, encode_image, encode_mask_png, encode_probs, overlay_image
+from ..io import decode_photo
 from ..numpy_transforms import probs_from_scores
 from ..resolution import downscale, upsample_labels, working_size
-from ..storage import read_bytes, write_bytes
-from .engine import error_text
+from ..storage import URL, is_url, read_bytes
+from .engine import error_text, write_outputs
+from .inputs import OutputPaths
 
 Batch = dict[str, np.ndarray]
 SMALL_COLUMNS = ("index", "height", "width", "status", "error", "t_decode", "t_network", "t_upsample", "t_crf",
@@ -53,6 +55,11 @@ def _node_id() -> str:
         return ray.get_runtime_context().get_node_id()
     except Exception:  # noqa: BLE001 - outside Ray (unit tests): no node
         return ""
+
+
+def _path(text: str) -> Path | URL | None:
+    """A row's output column ('' = none) as the path or URL OutputPaths holds."""
+    return None if not text else URL(text) if is_url(text) else Path(text)
 
 
 def _objects(values: Sequence[Any]) -> np.ndarray:
@@ -250,20 +257,6 @@ def refine_torch_cpu(image: np.ndarray, probs: np.ndarray, params: CRFParams) ->
     return dense_crf(image, probs, params, backend="torch", device="cpu")
 
 
-def write_outputs(row: dict[str, str], image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None,
-                  class_names: Sequence[str] | None = None) -> None:
-    """Write the probabilities and overlay that were asked for, then the mask (last: it marks the image complete).
-
-    image: at the working resolution; labels: at full size (an overlay of a downscaled photo reads it again)."""
-    if row["probs"]:
-        write_bytes(row["probs"], encode_probs(probs))
-    if row["overlay"]:
-        if image.shape[:2] != labels.shape:
-            image = decode_photo(read_bytes(row["path"]), row["path"])[0]
-        write_bytes(row["overlay"], encode_image(overlay_image(image, labels, class_names), row["overlay"]))
-    write_bytes(row["mask"], encode_mask_png(labels))
-
-
 def crf_and_write(batch: Batch, params: CRFParams | None = None, stride: int = 8, offset: int = 0,
                   refine: Callable[[np.ndarray, np.ndarray, CRFParams], np.ndarray] = refine_pydensecrf,
                   class_names: Sequence[str] | None = None, ledger: Any = None, max_crashes: int = 2) -> Batch:
@@ -286,7 +279,8 @@ def crf_and_write(batch: Batch, params: CRFParams | None = None, stride: int = 8
                 final = refine(image, probs, params) if params is not None else probs
                 labels = upsample_labels(final, (int(batch["height"][i]), int(batch["width"][i])))
                 t2 = time.perf_counter()
-                write_outputs(row, image, labels, probs, class_names)
+                write_outputs(OutputPaths(_path(row["mask"]), _path(row["overlay"]), _path(row["probs"])), image,
+                              labels, probs, class_names, source=row["path"])
                 t3 = time.perf_counter()
             except Exception as exc:  # noqa: BLE001 - this image's failure
                 status[i], error[i] = "failed", error_text(exc, row["path"])
