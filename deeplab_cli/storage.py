@@ -120,8 +120,36 @@ def list_files(url: str) -> Iterator[tuple[str, PurePosixPath, int]]:
         yield join(url, rel), rel, info.size or 0
 
 
+class Listing:
+    """Folder listings taken once and remembered: file names → sizes, per folder URL (for skipping complete outputs)."""
+
+    def __init__(self) -> None:
+        self._folders: dict[str, dict[str, int]] = {}
+
+    def sizes(self, folder: str) -> dict[str, int]:
+        """Names → sizes of the files directly in a folder URL (listed on first use; {} when it does not exist)."""
+        if folder not in self._folders:
+            import pyarrow.fs
+
+            fs, inner = resolve(folder)
+            try:
+                infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=False, allow_not_found=True))
+            except OSError:
+                infos = []
+            self._folders[folder] = {i.base_name: i.size or 0 for i in infos if i.type == pyarrow.fs.FileType.File}
+        return self._folders[folder]
+
+
 class URL(str):
-    """A file named by URL where the batch code expects a Path: str() is the URL; name, parent and stat() as for paths."""
+    """A file named by URL where the batch code expects a Path: str() is the URL; name, parent and stat() as for
+    paths. stat() reads the folder's listing from `listing` (shared by the URLs of one plan), else lists it."""
+
+    listing: Listing | None
+
+    def __new__(cls, text: str, listing: Listing | None = None) -> "URL":
+        url = super().__new__(cls, text)
+        url.listing = listing
+        return url
 
     @property
     def name(self) -> str:
@@ -129,29 +157,11 @@ class URL(str):
 
     @property
     def parent(self) -> "URL":
-        return URL(self.rstrip("/").rsplit("/", 1)[0])
+        return URL(self.rstrip("/").rsplit("/", 1)[0], self.listing)
 
     def stat(self) -> os.stat_result:
-        """Size of the file (st_size only; the folder is listed once and remembered); FileNotFoundError if absent."""
-        sizes = _folder_sizes(str(self.parent))
+        """st_size of the file (the other fields are 0); FileNotFoundError when it does not exist."""
+        sizes = (self.listing or Listing()).sizes(str(self.parent))
         if self.name not in sizes:
             raise FileNotFoundError(str(self))
         return os.stat_result((0, 0, 0, 0, 0, 0, sizes[self.name], 0, 0, 0))
-
-
-@lru_cache(maxsize=4096)
-def _folder_sizes(url: str) -> dict[str, int]:
-    """Names → sizes of the files directly in a folder URL (one listing per folder, for skipping complete outputs)."""
-    import pyarrow.fs
-
-    fs, inner = resolve(url)
-    try:
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=False, allow_not_found=True))
-    except OSError:
-        return {}
-    return {info.base_name: info.size or 0 for info in infos if info.type == pyarrow.fs.FileType.File}
-
-
-def forget_listings() -> None:
-    """Drop remembered folder listings (after writing, before planning again in the same process)."""
-    _folder_sizes.cache_clear()

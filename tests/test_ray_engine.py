@@ -170,13 +170,16 @@ def test_urls_in_and_out_through_pyarrow(tmp_path: Path, photo: np.ndarray, weig
     resized(photo, 44, 52).save(tmp_path / "in" / "sub" / "b.png")
     (tmp_path / "in" / "notes.txt").write_text("not an image")
     source, out, report = f"file://{tmp_path}/in", f"file://{tmp_path}/out", tmp_path / "report.jsonl"
-    res = run(source, "-o", out, "--weights", weights_file, "--engine", "ray", "--report", report, *FAST)
+    res = run(source, "-o", out, "--weights", weights_file, "--engine", "ray", "--report", report, "--save-probs",
+              *FAST)
     assert res.exit_code == 0, res.output
     assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")) == [
-        "a.png", "sub", "sub/b.png"]
+        "a.png", "a.probs.npy", "sub", "sub/b.png", "sub/b.probs.npy"]
+    probs = np.load(tmp_path / "out" / "sub" / "b.probs.npy")
+    assert probs.shape == (21, 52, 44) and np.allclose(probs.sum(0), 1, atol=1e-5)
     assert {r["output"] for r in read_report(report).values()} == {f"{out}/a.png", f"{out}/sub/b.png"}
-    storage.forget_listings()
-    res = run(source, "-o", out, "--weights", weights_file, "--engine", "ray", "--report", report, *FAST)
+    res = run(source, "-o", out, "--weights", weights_file, "--engine", "ray", "--report", report, "--save-probs",
+              *FAST)
     assert {r["status"] for r in read_report(report).values()} == {"skipped"}
     res = run(source, "-o", out, "--weights", weights_file, *FAST)
     assert res.exit_code == 2 and "need --engine ray" in res.stderr

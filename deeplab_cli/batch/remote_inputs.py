@@ -12,7 +12,7 @@ from pathlib import Path, PurePath
 
 from ..errors import UsageError
 from ..io import is_image_path
-from ..storage import URL, is_url, join, list_files
+from ..storage import URL, Listing, is_url, join, list_files
 from .inputs import InputFile, Job, OutputPaths, check_no_overwrite, plan_jobs
 
 _ROOT = Path("/deeplab-output-root")  # planning happens below a local placeholder, then moves under the URL
@@ -37,8 +37,10 @@ def plan_url_jobs(inputs: Sequence[InputFile], output: str, overlay: bool = Fals
     if not is_url(output):
         return plan_jobs(inputs, output, overlay=overlay, save_probs=save_probs)
 
+    listing = Listing()  # one snapshot of the output folders for this plan's completeness checks
+
     def moved(path: Path | None) -> URL | None:
-        return URL(join(output, path.relative_to(_ROOT).as_posix())) if path is not None else None
+        return URL(join(output, path.relative_to(_ROOT).as_posix()), listing) if path is not None else None
 
     jobs = [Job(job.path, OutputPaths(moved(job.outputs.mask), moved(job.outputs.overlay), moved(job.outputs.probs)))
             for job in plan_jobs(inputs, _ROOT, overlay=overlay, save_probs=save_probs)]
