@@ -27,11 +27,12 @@ import torch
 
 from .crf import BACKENDS, CRFParams, dense_crf, resolve_backend
 from .errors import UsageError
-from .io import decode_image, encode_mask_png, is_image_path, read_bytes
+from .io import decode_image, decode_photo, encode_mask_png, is_image_path, read_bytes
 from .model import ARCHS, DeepLab
 from .palette import load_class_names
 from .pipeline import Segmenter, select_device, torch_dtype
 from .precision import check_precision
+from .resolution import DEFAULT_MAX_SIDE, downscale, working_size
 from .stages import BENCHMARK_STAGES as STAGES
 from .stages import STAGE_LABELS as _ALL_LABELS
 from .testing import random_model
@@ -61,6 +62,7 @@ class BenchmarkOptions:
     classes_file: str | os.PathLike | None = None
     pad_to: int | None = None
     images: str | os.PathLike | None = None  # a folder of images to decode instead of generated ones
+    max_side: int | None = DEFAULT_MAX_SIDE  # decoded --images larger than this are brought to it, as segment does
     crf: CRFParams = field(default_factory=CRFParams)
     use_crf: bool = True
     crf_backend: str = "auto"
@@ -351,6 +353,7 @@ def environment(opts: BenchmarkOptions, device: torch.device, seg: Segmenter, we
         "random_weights": weights is None,
         "image_size": list(opts.size),
         "input_size": list(seg.input_size(*opts.size)),
+        "max_side": opts.max_side,
         "batch_size": opts.batch_size,
         "iters": opts.iters,
         "warmup": opts.warmup,
@@ -373,9 +376,13 @@ def probs_of(seg: Segmenter, scores: torch.Tensor, heights_widths: Sequence[tupl
     return [p.cpu().numpy() for p in seg.probs_from_scores(scores, heights_widths)]
 
 
-def decode_all(files: Sequence[tuple[str, bytes]]) -> list[np.ndarray]:
-    """(name, encoded bytes) pairs → (H, W, 3) uint8 RGB images."""
-    return [decode_image(data, name) for name, data in files]
+def decode_all(files: Sequence[tuple[str, bytes]], max_side: int | None = None) -> list[np.ndarray]:
+    """(name, encoded bytes) pairs → (h, w, 3) uint8 RGB images at their working resolution (as segment decodes)."""
+    out = []
+    for name, data in files:
+        image, full = decode_photo(data, name, max_side)
+        out.append(downscale(image, working_size(*full, max_side)))
+    return out
 
 
 def refine_all(seg: Segmenter, images: Sequence[np.ndarray], probs: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -399,7 +406,7 @@ def time_pipeline(seg: Segmenter, source: ImageSource, opts: BenchmarkOptions, c
     for run in range(total):
         t: dict[str, float] = {}
         batch = source.batch(run, opts.batch_size)
-        decoded, t["decode"] = clock.time(decode_all, batch)
+        decoded, t["decode"] = clock.time(decode_all, batch, opts.max_side)
         images = [fit_image(im, opts.size) for im in decoded]  # untimed: the real pipeline does not resize
         x, t["preprocess"] = clock.time(seg.prepare, images, input_size)
         scores, t["network"] = clock.time(seg.scores, x)

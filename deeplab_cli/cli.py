@@ -203,12 +203,12 @@ def ray_engine_from(opts: dict[str, Any], **pipeline: Any) -> Callable[[list], A
     from .batch.ray_engine import RayOptions, RayRun
 
     def engine(jobs: list) -> RayRun:
-        weights, _ = weights_from(opts)
+        weights, names = weights_from(opts)
         click.echo(f"deeplab: {weights.path} ({weights.arch}, {weights.num_classes} classes), "
                    f"{_side_text(opts.get('max_side', DEFAULT_MAX_SIDE))}, on Ray", err=True)
         return RayRun(jobs, weights, device=opts.get("device", "auto"), precision=opts.get("precision"),
                       pad_to=opts.get("pad_to"), crf=crf_params_from(opts), crf_backend=opts.get("crf_backend", "auto"),
-                      max_side=opts.get("max_side", DEFAULT_MAX_SIDE), options=RayOptions(**pipeline),
+                      max_side=opts.get("max_side", DEFAULT_MAX_SIDE), class_names=names, options=RayOptions(**pipeline),
                       log=lambda message: click.echo(f"deeplab: {message}", err=True))
 
     return engine
@@ -266,7 +266,9 @@ def segment(image: str, output: str, overlay: str | None, save_probs: str | None
 @click.option("--recursive/--no-recursive", default=True, show_default=True, help="Walk input folders recursively.")
 @click.option("--overwrite", is_flag=True, help="Redo images whose outputs exist (default: skip them, so reruns resume).")
 @click.option("--overlay", is_flag=True, help="Also write NAME.overlay.jpg: the image blended with the colour mask.")
-@click.option("--save-probs", is_flag=True, help="Also write NAME.probs.npy: (C, H, W) float32 probabilities before the CRF.")
+@legend_option
+@click.option("--save-probs", is_flag=True,
+              help="Also write NAME.probs.npy: (C, h, w) float32 probabilities before the CRF, at the working resolution.")
 @click.option("--report", metavar="FILE.jsonl", default=None,
               help="Write one JSON line per input: path, output, status, error, timings.")
 @click.option("--no-progress", is_flag=True, help="No live progress bar (the summary is still printed).")
@@ -277,7 +279,7 @@ def segment(image: str, output: str, overlay: str | None, save_probs: str | None
 @crf_options
 @pipeline_options
 def batch(inputs: tuple[str, ...], output: str | None, from_list: str | None, recursive: bool, overwrite: bool, overlay: bool,
-          save_probs: bool, report: str | None, batch_size: int | None, crf_workers: int | None,
+          legend: bool, save_probs: bool, report: str | None, batch_size: int | None, crf_workers: int | None,
           net_threads: int | None, no_progress: bool, engine: str, **opts: Any) -> None:
     """Segment every image in folders, globs or a list into masks mirroring the tree under -o.
 
@@ -304,7 +306,7 @@ def batch(inputs: tuple[str, ...], output: str | None, from_list: str | None, re
     found = discover_inputs(local, recursive=recursive, from_list=from_list, exclude=output,
                             warn=lambda message: say(console, message)) if local or from_list is not None else []
     found += discover_urls(urls, recursive=recursive)
-    jobs = plan_url_jobs(found, output, overlay=overlay, save_probs=save_probs)
+    jobs = plan_url_jobs(found, output, overlay=overlay, save_probs=save_probs, legend=legend)
     if not jobs:
         say(console, "no images found")
     pipeline = dict(batch_size=batch_size, crf_workers=crf_workers, net_threads=net_threads)
@@ -531,7 +533,8 @@ def weights_info(file: str, as_json: bool) -> None:
 @click.option("--iters", type=int, default=5, show_default=True, help="Timed runs (figures are medians, with min/max).")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs first.")
 @click.option("--images", "images_dir", metavar="DIR", default=None,
-              help="Decode these images (then resized to --size, untimed) instead of generated ones.")
+              help="Decode these images (at their working resolution, --max-side, as segment does; then resized "
+                   "to --size, untimed) instead of generated ones.")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="Run the network in channels_last memory format (segment and batch do).")
 @click.option("--variants/--no-variants", default=True, show_default=True,
@@ -551,7 +554,7 @@ def benchmark(fps: bool, compare: bool, size: str, batch_size: int, iters: int, 
     options = BenchmarkOptions(
         size=parse_size(size), batch_size=batch_size, iters=iters, warmup=warmup, device=opts["device"],
         precision=opts["precision"], channels_last=channels_last, arch=opts["arch"], weights=opts["weights"],
-        classes_file=opts["classes_file"], pad_to=opts["pad_to"], images=images_dir, crf=crf,
+        classes_file=opts["classes_file"], pad_to=opts["pad_to"], images=images_dir, max_side=opts["max_side"], crf=crf,
         use_crf=not opts["no_crf"], crf_backend=opts["crf_backend"], fps=fps or not compare, variants=variants,
         compare=compare,
     )

@@ -285,7 +285,8 @@ def predict_samples(
     be used go to on_problem. pipeline: run_batch's options (batch_size, crf_workers, net_threads, ...).
     """
     jobs = (batch.Job(sample.image, None, tag=sample) for sample in samples)  # outputs=None: nothing is written
-    run = batch.run_batch(segmenter, jobs, **{"use_crf": "crf" in modes, **pipeline})
+    run = batch.run_batch(segmenter, jobs, **{"use_crf": "crf" in modes, "keep_labels_before_crf": "no_crf" in modes,
+                                              **pipeline})
     with contextlib.closing(run):
         for result in run:
             sample: Sample = result.job.tag

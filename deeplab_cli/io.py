@@ -203,6 +203,19 @@ def _decode_with_opencv(data: bytes, name: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def photo_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(H, W) of an image file as displayed, from its header alone; None when it cannot be read as an image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                rotated = im.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    return (width, height) if rotated else (height, width)
+
+
 def read_image(source: str | os.PathLike) -> np.ndarray:
     """Read an image file (or '-' for stdin) as (H, W, 3) uint8 RGB."""
     return read_photo(source)[0]

@@ -181,3 +181,18 @@ def test_library_api_without_the_cli() -> None:
     assert any("randomly initialised" in m for m in messages)
     with pytest.raises(UsageError):
         run_benchmark(BenchmarkOptions(fps=False, compare=False))
+
+
+def test_images_are_decoded_at_the_working_resolution(tmp_path: Path, photo: np.ndarray, monkeypatch) -> None:
+    from deeplab_cli import benchmark
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(photo).resize((900, 600)).save(folder / "big.jpg")
+    decoded = []
+    real = benchmark.decode_all
+    monkeypatch.setattr(benchmark, "decode_all", lambda files, side: decoded.append(real(files, side)) or decoded[-1])
+    result = invoke(*TINY, "--no-variants", "--images", str(folder), "--max-side", "90", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["environment"]["max_side"] == 90
+    assert {im.shape for batch in decoded for im in batch} == {(60, 90, 3)}  # what segment runs it at

@@ -70,7 +70,8 @@ def test_stages_without_ray_equal_the_segmenter(tmp_path: Path, photo: np.ndarra
     paths = [tmp_path / n for n in ("a.png", "b.png", "bad.jpg")]
     batch = {"index": np.arange(3), "path": np.array([str(p) for p in paths], object),
              "mask": np.array([str(tmp_path / f"out{i}.png") for i in range(3)], object),
-             "overlay": np.array(["", str(tmp_path / "b.overlay.jpg"), ""], object), "probs": np.array([""] * 3, object)}
+             "overlay": np.array(["", str(tmp_path / "b.overlay.jpg"), ""], object), "probs": np.array([""] * 3, object),
+             "legend": np.array([True] * 3)}
     params = CRFParams(iterations=3)
     weights = load_weights(weights_file)
     out = crf_and_write(NetworkStage(weights, device="cpu")(decode_rows(batch)), params)
@@ -185,28 +186,33 @@ def test_urls_in_and_out_through_pyarrow(tmp_path: Path, photo: np.ndarray, weig
     assert res.exit_code == 2 and "need --engine ray" in res.stderr
 
 
-def test_large_photo_runs_at_the_working_resolution_like_segment(tmp_path: Path, photo: np.ndarray,
-                                                                   weights_file: Path, local_ray: None) -> None:
-    """A photo over --max-side: downscaled (JPEG draft decoding included) for network and CRF, mask at full size,
-    equal to `deeplab segment`'s (same CRF backend)."""
+def test_large_photo_runs_at_the_working_resolution_like_segment_and_the_local_engine(
+        tmp_path: Path, photo: np.ndarray, weights_file: Path, local_ray: None) -> None:
+    """A photo over --max-side: downscaled for network and CRF (a JPEG decoded at reduced scale unless an overlay
+    needs every pixel), mask and overlay at full size; masks equal to `deeplab segment`'s and the local engine's."""
     from helpers import cli
 
     (tmp_path / "in").mkdir()
     resized(photo, 1100, 800).save(tmp_path / "in" / "big.jpg", quality=90)
-    fast = ("--device", "cpu", "--crf-iterations", "3", "--max-side", "200")
+    fast = ("--device", "cpu", "--crf-iterations", "3", "--max-side", "200", "--net-threads", "1", "--no-progress",
+            "--crf-workers", "1")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the network actor below: oneDNN's sums round differently with other thread counts
+    torch.set_num_threads(1)  # as the network actor: oneDNN's sums round differently with other thread counts
     try:
         res = cli("segment", tmp_path / "in" / "big.jpg", "-o", tmp_path / "segment.png", "--weights", weights_file,
-                  "--crf-backend", "pydensecrf", *fast)
+                  "--crf-backend", "pydensecrf", *fast[:6])
     finally:
         torch.set_num_threads(threads)
     assert res.exit_code == 0, res.output
-    res = run(tmp_path / "in", "-o", tmp_path / "out", "--weights", weights_file, "--engine", "ray", "--no-progress",
-              "--net-threads", "1", *fast)
-    assert res.exit_code == 0, res.output
-    ours, theirs = (np.array(Image.open(p)) for p in (tmp_path / "out" / "big.png", tmp_path / "segment.png"))
-    assert ours.shape == (800, 1100) and np.array_equal(ours, theirs)
+    for name, extra in (("ray", ()), ("ray-overlay", ("--overlay",)), ("local-overlay", ("--overlay",))):
+        engine = name.split("-")[0]
+        res = run(tmp_path / "in", "-o", tmp_path / name, "--weights", weights_file, "--engine", engine, *extra, *fast)
+        assert res.exit_code == 0, res.output
+    masks = {name: np.array(Image.open(tmp_path / name / "big.png")) for name in ("ray", "ray-overlay", "local-overlay")}
+    assert masks["ray"].shape == (800, 1100)
+    assert np.array_equal(masks["ray"], np.array(Image.open(tmp_path / "segment.png")))  # reduced-scale decoding
+    assert np.array_equal(masks["ray-overlay"], masks["local-overlay"])  # full decoding, then downscaled
+    assert Image.open(tmp_path / "ray-overlay" / "big.overlay.jpg").size == (1100, 800)
 
 
 def _ray_processes(marker: str) -> list[int]:

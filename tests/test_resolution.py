@@ -192,3 +192,52 @@ def test_out_of_memory_in_a_batch_fails_only_that_image(tmp_path: Path, photo: n
                                                      crf_workers=0, handle_sigint=False)}
     assert results["a"].status == results["b"].status == "done"
     assert results["white"].status == "failed" and "out of memory" in results["white"].error
+
+
+def test_batch_streams_large_photos_at_the_working_resolution(tmp_path: Path, photo: np.ndarray,
+                                                              big_photo: np.ndarray, weights_file: Path) -> None:
+    root, out = tmp_path / "photos", tmp_path / "masks"
+    root.mkdir()
+    Image.fromarray(big_photo).save(root / "big.jpg", quality=92)
+    Image.fromarray(np.rot90(big_photo).copy()).save(root / "big_tall.png")
+    Image.fromarray(photo).save(root / "small.png")
+    common = ("--weights", weights_file, "--max-side", "257", "--crf-backend", "pydensecrf", *FAST)
+    res = cli("batch", root, "-o", out, "--overlay", "--crf-workers", "1", "--no-progress", *common)
+    assert res.exit_code == 0, res.output
+    for name, size in (("big", (1500, 1000)), ("big_tall", (1000, 1500)), ("small", photo.shape[1::-1])):
+        assert Image.open(out / f"{name}.png").size == size and Image.open(out / f"{name}.overlay.jpg").size == size
+    # The same labels as `deeplab segment` gives that photo (overlay or not, the image is decoded in full).
+    single = tmp_path / "single.png"
+    assert cli("segment", root / "big.jpg", "-o", single, "--overlay", tmp_path / "o.jpg", *common).exit_code == 0
+    assert np.array_equal(np.array(Image.open(single)), np.array(Image.open(out / "big.png")))
+
+
+def test_batch_bounds_the_bytes_in_flight(tmp_path: Path, big_photo: np.ndarray, segmenter: Segmenter) -> None:
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.roll(big_photo, 37 * i, axis=1)).save(paths[-1])
+    segmenter.max_side = 129
+    try:
+        run = run_batch(segmenter, [Job(p) for p in paths], crf_workers=0, handle_sigint=False, max_bytes=1 << 20)
+        results = list(run)
+    finally:
+        segmenter.max_side = 513
+    assert [r.status for r in results] == ["done"] * 4 and all(r.labels.shape == (1000, 1500) for r in results)
+    one = 1000 * 1500 * 4 + 86 * 129 * (3 + 12 * 21)  # a single photo's charge, over the 1 MiB limit
+    assert run.peak_bytes == one  # so the photos went through one at a time
+
+
+def test_evaluate_scores_large_photos_at_full_size(tmp_path: Path, big_photo: np.ndarray, weights_file: Path) -> None:
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir(), labels.mkdir()
+    Image.fromarray(big_photo).save(images / "x.jpg", quality=92)
+    Image.fromarray(np.zeros(big_photo.shape[:2], np.uint8)).save(labels / "x.png")
+    res = cli("evaluate", "--images", images, "--labels", labels, "--crf", "both", "--json", "--no-progress",
+              "--weights", weights_file, "--max-side", "257", "--crf-workers", "1", *FAST)
+    assert res.exit_code == 0, res.output
+    import json
+
+    report = json.loads(res.stdout)
+    assert report["problems"] == [] and report["images"]["scored"] == 1
+    assert {mode: r["pixels"] for mode, r in report["results"].items()} == {"no_crf": 1_500_000, "crf": 1_500_000}

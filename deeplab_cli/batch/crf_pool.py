@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..crf import CRFParams, dense_crf, dense_crf_pydensecrf
 from ..errors import DeeplabError
+from ..resolution import upsample_labels
 
 if TYPE_CHECKING:
     import numpy as np
@@ -61,11 +62,13 @@ def _noop() -> None:
     """Submitted once per worker at start-up so the processes exist before the first CRF is due."""
 
 
-def crf_task(image: np.ndarray, probs: np.ndarray, params: CRFParams, keep_probs: bool, backend: str = "pydensecrf"
-             ) -> tuple[np.ndarray, np.ndarray | None, float]:
-    """The CRF in a worker: image (H, W, 3) uint8, probs (C, H, W) → (labels (H, W) uint8, Q or None, seconds)."""
-    import numpy as np
+def crf_task(image: np.ndarray, probs: np.ndarray, params: CRFParams, keep_probs: bool, backend: str = "pydensecrf",
+             size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """The CRF in a worker: image (h, w, 3) uint8, probs (C, h, w) → (labels uint8, Q (C, h, w) or None, seconds).
 
+    size: the photo's full (H, W) when it ran at a working resolution; the labels are then upsampled to it
+    (resolution.upsample_labels), else they are (h, w).
+    """
     t0 = time.perf_counter()
     if backend == "pydensecrf":
         q = dense_crf_pydensecrf(image, probs, params)
@@ -74,7 +77,7 @@ def crf_task(image: np.ndarray, probs: np.ndarray, params: CRFParams, keep_probs
 
         torch.set_num_threads(1)  # one core per worker: the pool, not torch's threads, uses the cores
         q = dense_crf(image, probs, params, backend="torch", device="cpu")
-    labels = q.argmax(axis=0).astype(np.uint8)
+    labels = upsample_labels(q, size or q.shape[1:])
     return labels, (q if keep_probs else None), time.perf_counter() - t0
 
 

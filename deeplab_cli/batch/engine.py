@@ -20,7 +20,12 @@ Pipeline (each arrow a bounded queue, so memory stays flat however many files th
     priority, `crf_nice`, so the thread feeding the device is never kept waiting for a core) or, for the torch
     CRF backend on CUDA, one thread on the device
   → encode + atomic write on a thread pool → the consumer.
-At most a fixed number of images are past the network and not yet taken by the consumer (`_InFlight`).
+At most a fixed number of images are past the network and not yet taken by the consumer (`flow.InFlight`), and
+the bytes of all images between the feeder and the consumer stay under `max_bytes` (`flow.ByteBudget`, charged
+from each file's header before it is decoded), so a folder of 48 MP photos streams in flat memory.
+Working resolution (Segmenter.max_side): a photo larger than it is decoded at a reduced JPEG scale where
+possible and downscaled for the network and the CRF (the `decode` stage); its labels come back at full size
+in the CRF workers (the `crf` stage), or on the device thread without a CRF (`upsample`).
 Per-image seconds per stage land in `ImageResult.timings` (stages.BATCH_STAGES). A batch's network and
 upsampling time is shared equally among its images.
 
@@ -52,8 +57,11 @@ import numpy as np
 
 from ..errors import DeeplabError, UsageError
 from .. import storage
-from ..io import decode_image, decode_photo, encode_image, encode_mask_png, encode_probs, overlay_image, read_bytes
+from ..io import decode_photo, encode_image, encode_mask_png, encode_probs, overlay_image, photo_size, read_bytes
+from ..memory import available_bytes
+from ..resolution import downscale, upsample_labels
 from .crf_pool import CRFPool, crf_task
+from .flow import NOTHING, ByteBudget, InFlight, Lookahead
 from .inputs import Job, OutputPaths
 
 if TYPE_CHECKING:
@@ -123,11 +131,19 @@ def error_text(exc: BaseException, path: Path) -> str:
 @dataclass(eq=False)
 class _Item:
     job: Job
-    image: np.ndarray | None = None
+    image: np.ndarray | None = None  # at the working resolution (h, w, 3)
     size: tuple[int, int] = (0, 0)  # padded network input (H', W')
+    full: tuple[int, int] = (0, 0)  # the photo's size (H, W), which the labels get
+    full_image: np.ndarray | None = None  # (H, W, 3) when an overlay or keep_images needs it and (H, W) ≠ (h, w)
+    charge: int = 0  # bytes held in the run's _ByteBudget
     probs: np.ndarray | None = None
     labels_before_crf: np.ndarray | None = None
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def picture(self) -> np.ndarray:
+        """The photo at full size (what overlays and keep_images show)."""
+        return self.full_image if self.full_image is not None else self.image
 
 
 class _Message:
@@ -138,77 +154,10 @@ class _Message:
 
 
 _END = object()  # the last message of a stage
-_NOTHING = object()  # no queue entry yet
 
 
 class _Aborted(Exception):
     """Raised between stages once a run is aborted, so the images in flight are dropped."""
-
-
-class _Lookahead:
-    """Reads a queue one entry ahead, so the reader can see whether the next entry is ready without taking it."""
-
-    def __init__(self, source: queue.Queue) -> None:
-        self._source = source
-        self._head: Any = _NOTHING
-
-    def peek(self) -> Any:
-        """The next entry without waiting (_NOTHING when there is none yet); it stays next."""
-        if self._head is _NOTHING:
-            with contextlib.suppress(queue.Empty):
-                self._head = self._source.get_nowait()
-        return self._head
-
-    def get(self, timeout: float) -> Any:
-        """Take the next entry, waiting up to timeout seconds (queue.Empty if none came)."""
-        head, self._head = self._head, _NOTHING
-        return self._source.get(timeout=timeout) if head is _NOTHING else head
-
-
-class _InFlight:
-    """The images past the network: at most `limit` until the consumer takes their results (back-pressure), and
-    how many are still being worked on (CRF, writing), so the run ends only when none is."""
-
-    def __init__(self, limit: int) -> None:
-        self._slots = threading.Semaphore(limit)
-        self._working = 0
-        self._changed = threading.Condition()
-
-    def reserve(self, n: int, stop: threading.Event) -> bool:
-        """Wait for room for n images; False (holding nothing) once stopped, as no new image starts then."""
-        held = 0
-        while held < n:
-            if self._slots.acquire(timeout=0.1):
-                held += 1
-            elif stop.is_set():
-                self.release(held)
-                return False
-        return True
-
-    def release(self, n: int = 1) -> None:
-        """Give back n slots: the consumer took the results, or the images never went downstream."""
-        if n:
-            self._slots.release(n)
-
-    def begin(self) -> None:
-        """One reserved image goes downstream (CRF, writing)."""
-        with self._changed:
-            self._working += 1
-
-    def end(self) -> None:
-        """One image downstream is done: its result is on its way to the consumer."""
-        with self._changed:
-            self._working -= 1
-            self._changed.notify_all()
-
-    def wait_idle(self, aborting: Callable[[], bool]) -> None:
-        """Wait until no image is downstream, or the run is aborted."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._working <= 0 or aborting())
-
-    def wake(self) -> None:
-        with self._changed:
-            self._changed.notify_all()
 
 
 class BatchRun:
@@ -230,6 +179,8 @@ class BatchRun:
         handle_sigint: bool = True,
         on_interrupt: Callable[[], None] | None = None,
         use_crf: bool = True,
+        keep_labels_before_crf: bool = False,
+        max_bytes: int | None = None,
     ) -> None:
         cores = os.cpu_count() or 1
         self.segmenter = segmenter
@@ -246,6 +197,9 @@ class BatchRun:
         self.handle_sigint = handle_sigint
         self.on_interrupt = on_interrupt
         self.crf = segmenter.crf if use_crf else None  # the CRF parameters this run applies (None: no CRF)
+        # Full-size labels before the CRF cost an upsampling per large photo: made only where they are used.
+        self.full_labels_before_crf = self.crf is None or keep_labels_before_crf
+        self._budget = ByteBudget(max_bytes or max(256 << 20, min(2 << 30, available_bytes() // 4)))
         if self.batch_size < 1 or self.crf_workers < 0 or self.decode_workers < 1:
             raise UsageError("batch size and worker counts must be positive (--crf-workers 0: CRF in this process)")
         self.interrupted = False
@@ -256,7 +210,7 @@ class BatchRun:
         self._stop = threading.Event()
         self._results: queue.Queue = queue.Queue()
         self._decoded: queue.Queue = queue.Queue(maxsize=max(2 * self.decode_workers, 2 * self.batch_size))
-        self._in_flight = _InFlight(2 * max(self.crf_workers, 1) + self.write_workers + self.batch_size)
+        self._in_flight = InFlight(2 * max(self.crf_workers, 1) + self.write_workers + self.batch_size)
         crf_on_device = self.crf is not None and segmenter.crf_backend == "torch" and segmenter.device.type == "cuda"
         self._crf_pool = CRFPool(self.crf_workers, self.crf_nice, in_process=crf_on_device)
 
@@ -361,11 +315,33 @@ class BatchRun:
         for job in self._jobs:
             if self._stop.is_set():
                 break
-            future = self._decode_pool.submit(self._decode, job)
-            if not self._put(self._decoded, (job, future)):
+            charge = self._charge(job)
+            if not self._budget.acquire(charge, self._stop):
+                break
+            future = self._decode_pool.submit(self._decode, job, charge)
+            if not self._put(self._decoded, (job, future, charge)):
                 future.cancel()
+                self._budget.release(charge)
                 break
         self._put(self._decoded, _END, force=True)
+
+    def _charge(self, job: Job) -> int:
+        """Bytes an image holds at most while in flight, from its header: the decoded photo, the working-size
+        image and class maps, the full-size labels and overlay."""
+        size = photo_size(job.path)
+        if size is None:
+            return 1 << 20  # unreadable: it fails at decoding
+        seg = self.segmenter
+        full = size[0] * size[1]
+        h, w = seg.working_size(*size)
+        overlay = job.outputs is not None and job.outputs.overlay is not None
+        return full * (3 + 1 + (3 if overlay else 0)) + h * w * (3 + 3 * 4 * seg.num_classes)
+
+    def _drop(self, entry: Any) -> None:
+        """A queued entry that will not run (stopped): cancel its decoding and give back its bytes."""
+        if entry is not _END:
+            entry[1].cancel()
+            self._budget.release(entry[2])
 
     def _put(self, q: queue.Queue, item: Any, force: bool = False) -> bool:
         """Put with back-pressure; gives up (False) once stopped unless forced."""
@@ -378,14 +354,17 @@ class BatchRun:
                     return False
                 if force and self._stop.is_set():
                     with contextlib.suppress(queue.Empty):
-                        entry = q.get_nowait()  # stopped: the device side discards queued work anyway
-                        if entry is not _END:
-                            entry[1].cancel()
+                        self._drop(q.get_nowait())  # stopped: the device side discards queued work anyway
 
-    def _decode(self, job: Job) -> _Item:
+    def _decode(self, job: Job, charge: int = 0) -> _Item:
         t0 = time.perf_counter()
-        image = decode_image(read_bytes(job.path), str(job.path))
-        item = _Item(job, image, self.segmenter.input_size(*image.shape[:2]))
+        seg = self.segmenter
+        wants_full = self.keep_images or (job.outputs is not None and job.outputs.overlay is not None)
+        image, full = decode_photo(read_bytes(job.path), str(job.path), None if wants_full else seg.max_side)
+        seg.check_memory(*full)
+        work = seg.working_size(*full)
+        small = downscale(image, work)
+        item = _Item(job, small, seg.input_size(*work), full, image if wants_full and work != full else None, charge)
         item.timings["decode"] = time.perf_counter() - t0
         return item
 
@@ -398,7 +377,7 @@ class BatchRun:
         if self.net_threads:
             torch.set_num_threads(self.net_threads)
         buckets: OrderedDict[tuple[int, int], list[_Item]] = OrderedDict()
-        decoded = _Lookahead(self._decoded)
+        decoded = Lookahead(self._decoded)
         try:
             while not self._stop.is_set():
                 if buckets and not self._ready(decoded.peek()):
@@ -412,10 +391,11 @@ class BatchRun:
                     while buckets and not self._stop.is_set():
                         self._run_network(buckets.popitem(last=False)[1])
                     break
-                job, future = entry
+                job, future, charge = entry
                 try:
                     item = future.result()
                 except Exception as exc:  # noqa: BLE001 - any decode failure is this image's failure
+                    self._budget.release(charge)
                     self._results.put(_Message(ImageResult(job, "failed", error_text(exc, job.path))))
                     continue
                 bucket = buckets.setdefault(item.size, [])
@@ -428,9 +408,9 @@ class BatchRun:
             # Stopped: work not yet on the device is dropped (it is not in flight); the rest finishes.
             with contextlib.suppress(queue.Empty):
                 while True:
-                    entry = decoded.get(timeout=0)
-                    if entry is not _END:
-                        entry[1].cancel()
+                    self._drop(decoded.get(timeout=0))
+            for bucket in buckets.values():
+                self._budget.release(sum(item.charge for item in bucket))
         finally:
             torch.set_num_threads(previous_threads)
         self._in_flight.wait_idle(lambda: self._aborting)
@@ -439,10 +419,11 @@ class BatchRun:
     @staticmethod
     def _ready(entry: Any) -> bool:
         """True when a queue entry is a decoded image ready to be taken (so batching can wait for it)."""
-        return entry is not _NOTHING and entry is not _END and entry[1].done()
+        return entry is not NOTHING and entry is not _END and entry[1].done()
 
     def _run_network(self, items: list[_Item]) -> None:
         if not self._in_flight.reserve(len(items), self._stop):
+            self._budget.release(sum(item.charge for item in items))
             return  # only happens once stopped: these images were never started
         try:
             self._network(items)
@@ -450,8 +431,10 @@ class BatchRun:
                 raise _Aborted
         except _Aborted:
             self._in_flight.release(len(items))
+            self._budget.release(sum(item.charge for item in items))
             return
         except Exception as exc:  # noqa: BLE001
+            _free_device_memory(exc)
             if len(items) > 1:  # e.g. out of memory: retry one by one so only the culprit fails
                 self._in_flight.release(len(items))
                 for item in items:
@@ -459,7 +442,7 @@ class BatchRun:
                 return
             self._in_flight.begin()
             self._emit(items[0], ImageResult(items[0].job, "failed", f"network failed: {error_text(exc, items[0].job.path)}",
-                                             shape=items[0].image.shape[:2]))
+                                             shape=items[0].full))
             return
         for item in items:
             self._in_flight.begin()
@@ -478,8 +461,13 @@ class BatchRun:
             t1 = time.perf_counter()
             all_probs = seg.probs_from_scores(scores, [item.image.shape[:2] for item in items])
             for item, probs in zip(items, all_probs):
-                item.labels_before_crf = probs.argmax(0).to(torch.uint8).cpu().numpy()
-                item.probs = probs.cpu().numpy() if needs_probs else None
+                if item.full == item.image.shape[:2]:
+                    item.labels_before_crf = probs.argmax(0).to(torch.uint8).cpu().numpy()
+                    item.probs = probs.cpu().numpy() if needs_probs else None
+                else:  # a photo at a working resolution: its labels at full size, in tiles on the host
+                    item.probs = probs.cpu().numpy()
+                    if self.full_labels_before_crf:
+                        item.labels_before_crf = upsample_labels(item.probs, item.full)
             sync(seg.device)
             t2 = time.perf_counter()
         n = len(items)
@@ -498,9 +486,9 @@ class BatchRun:
                 future = self._crf_pool.submit(self._crf_here, item)
             else:
                 future = self._crf_pool.submit(crf_task, item.image, item.probs, self.crf, self.keep_crf_probs,
-                                               self.segmenter.crf_backend)
+                                               self.segmenter.crf_backend, item.full)
         except DeeplabError as exc:
-            self._emit(item, ImageResult(item.job, "failed", str(exc), shape=item.image.shape[:2]))
+            self._emit(item, ImageResult(item.job, "failed", str(exc), shape=item.full))
             return
         future.add_done_callback(lambda f, item=item: self._to_writer(item, f))
 
@@ -514,13 +502,13 @@ class BatchRun:
     def _crf_here(self, item: _Item) -> tuple[np.ndarray, np.ndarray | None, float]:
         t0 = time.perf_counter()
         q = self.segmenter.refine(item.image, item.probs)
-        return q.argmax(axis=0).astype(np.uint8), (q if self.keep_crf_probs else None), time.perf_counter() - t0
+        return upsample_labels(q, item.full), (q if self.keep_crf_probs else None), time.perf_counter() - t0
 
     # -- stage 4: encode + write (thread pool), then hand the result to the consumer
 
     def _finish(self, item: _Item, crf: Future | None) -> None:
         job = item.job
-        result = ImageResult(job, "done", shape=item.image.shape[:2], labels_before_crf=item.labels_before_crf,
+        result = ImageResult(job, "done", shape=item.full, labels_before_crf=item.labels_before_crf,
                              timings=item.timings)
         try:
             if crf is not None:
@@ -530,35 +518,51 @@ class BatchRun:
             probs = item.probs if isinstance(item.probs, np.ndarray) else None
             t0 = time.perf_counter()
             if job.outputs is not None:
-                write_outputs(job.outputs, item.image, result.labels, probs)
+                write_outputs(job.outputs, item.picture, result.labels, probs, self.segmenter.class_names)
             item.timings["write"] = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - a failure of this image only
             result.status, result.error = "failed", error_text(exc, job.path)
             result.labels_after_crf = result.crf_probs = None
         if self.keep_images:
-            result.image = item.image
+            result.image = item.picture
         if self.keep_probs and result.ok:
             result.probs = probs
         self._emit(item, result)
 
     def _emit(self, item: _Item, result: ImageResult) -> None:
-        item.image = item.probs = None
+        item.image = item.full_image = item.probs = None
+        self._budget.release(item.charge)
         self._results.put(_Message(result, slot=True))
         self._in_flight.end()
 
+    @property
+    def peak_bytes(self) -> int:
+        """The most bytes of images in flight at once (estimated from their headers), for tests and diagnostics."""
+        return self._budget.peak
+
 
 def write_outputs(outputs: OutputPaths, image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None = None,
-                  class_names: Sequence[str] | None = None, source: str | os.PathLike | None = None) -> None:
-    """Write the probabilities and the overlay that outputs asks for, then the mask (last: it marks the image as
-    complete), each whole or not at all (paths or URLs, storage.write_bytes). labels (H, W) at full size; image
-    at that size, or smaller (a working resolution): the overlay then decodes `source` again at full size."""
+                  class_names: Sequence[str] | None = None, source: str | None = None) -> None:
+    """Write the probabilities and the overlay (legend of class_names when outputs.legend) that outputs asks for,
+    then the mask, last: it marks the image as complete. Each file whole or not at all, at a path or URL
+    (storage.write_bytes). labels (H, W) at full size; image (H, W, 3), or smaller (a working resolution): the
+    overlay then decodes `source` again at full size."""
     if outputs.probs is not None:
         storage.write_bytes(str(outputs.probs), encode_probs(probs))
     if outputs.overlay is not None:
         if image.shape[:2] != labels.shape and source is not None:
-            image = decode_photo(storage.read_bytes(str(source)), str(source))[0]
-        storage.write_bytes(str(outputs.overlay), encode_image(overlay_image(image, labels, class_names), outputs.overlay))
+            image = decode_photo(storage.read_bytes(source), source)[0]
+        overlay = overlay_image(image, labels, class_names if outputs.legend else None)
+        storage.write_bytes(str(outputs.overlay), encode_image(overlay, outputs.overlay))
     storage.write_bytes(str(outputs.mask), encode_mask_png(labels))
+
+
+def _free_device_memory(exc: BaseException) -> None:
+    """After a CUDA out-of-memory error, give the cached blocks back so the retry image by image can fit."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError) and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_batch(segmenter: Segmenter, jobs: Iterable[Job], **options: Any) -> BatchRun:
@@ -571,7 +575,9 @@ def run_batch(segmenter: Segmenter, jobs: Iterable[Job], **options: Any) -> Batc
     torch's setting), crf_nice (added to the CRF workers' niceness; 0 on CPU, 10 on CUDA), keep_images / keep_probs /
     keep_crf_probs (keep those arrays in the results), handle_sigint (first Ctrl-C stops gracefully,
     True; only in the main thread), on_interrupt (called from the signal handler), use_crf (False: skip the
-    segmenter's CRF).  Results arrive in
+    segmenter's CRF), keep_labels_before_crf (full-size labels_before_crf of photos at a working resolution
+    even when the CRF runs; always made when it does not), max_bytes (bound on the bytes of images in flight;
+    default a quarter of the available memory, between 256 MiB and 2 GiB).  Results arrive in
     completion order; failures are results with status 'failed' and a one-line error, never exceptions.
     jobs may be a lazy iterable; at most a few batches' worth of images are decoded ahead.
     """

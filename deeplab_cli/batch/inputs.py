@@ -157,6 +157,7 @@ class OutputPaths:
     mask: Path
     overlay: Path | None = None
     probs: Path | None = None
+    legend: bool = True  # the overlay carries a legend of the classes present
 
     def paths(self) -> list[Path]:
         return [p for p in (self.mask, self.overlay, self.probs) if p is not None]
@@ -172,7 +173,8 @@ class Job:
 
 
 def plan_jobs(
-    inputs: Sequence[InputFile], output_dir: str | os.PathLike, overlay: bool = False, save_probs: bool = False
+    inputs: Sequence[InputFile], output_dir: str | os.PathLike, overlay: bool = False, save_probs: bool = False,
+    legend: bool = True,
 ) -> list[Job]:
     """Map inputs to output paths mirroring their keys under output_dir, with collision-free names.
 
@@ -198,6 +200,7 @@ def plan_jobs(
                 Path(f"{base}{MASK_SUFFIX}"),
                 Path(f"{base}{OVERLAY_SUFFIX}") if overlay else None,
                 Path(f"{base}{PROBS_SUFFIX}") if save_probs else None,
+                legend,
             )
     jobs = [Job(item.path, planned[item.key]) for item in inputs]
     check_no_overwrite(jobs)

@@ -35,6 +35,7 @@ import numpy as np
 from ..archs import get_arch
 from ..crf import CRFParams, resolve_backend
 from ..errors import DeeplabError, UsageError
+from ..palette import load_class_names
 from ..precision import check_precision
 from ..resolution import DEFAULT_MAX_SIDE
 from ..stages import BATCH_STAGES
@@ -108,7 +109,8 @@ class RayRun:
     """An iterable run of jobs on the current Ray cluster (see the module docstring); iterate once for ImageResults.
 
     weights: the model (weights.Weights), shipped once through the object store. device: auto, cpu, cuda.
-    crf: None skips the CRF. refine: the CRF function of the CPU tasks (default: from crf_backend).
+    crf: None skips the CRF. refine: the CRF function of the CPU tasks (default: from crf_backend). class_names:
+    the overlays' legend (default: the weights' VOC classes).
     """
 
     def __init__(
@@ -169,7 +171,7 @@ class RayRun:
             if out is None:
                 raise ValueError("the Ray engine writes outputs: every job needs OutputPaths")
             rows.append({"index": index, "path": str(job.path), "mask": str(out.mask),
-                         "overlay": str(out.overlay or ""), "probs": str(out.probs or "")})
+                         "overlay": str(out.overlay or ""), "probs": str(out.probs or ""), "legend": out.legend})
         return rows
 
     def build_dataset(self, ledger: Any = None) -> Any:
@@ -219,7 +221,7 @@ class RayRun:
             crf_and_write, batch_size=None, batch_format="numpy", num_cpus=1,
             compute=TaskPoolStrategy(size=opts.crf_workers) if opts.crf_workers else None,
             fn_kwargs=dict(params=self.crf, stride=arch.output_stride, offset=arch.crop_offset, refine=self.refine,
-                           class_names=self.class_names, **guard),
+                           class_names=self.class_names or load_class_names(None, self.weights.num_classes), **guard),
         )
 
     def _generate(self) -> Iterator[ImageResult]:

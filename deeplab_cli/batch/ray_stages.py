@@ -4,7 +4,7 @@ Every stage takes and returns a Ray Data batch (a dict of NumPy columns, one row
 raises for one image: a row that fails gets status 'failed' and a one-line `error`, and is passed on
 untouched by the later stages, so every planned row comes back to the driver. Columns:
 
-  from the driver   index (int), path (input file or URL), mask, overlay, probs (output paths; '' = none)
+  from the driver   index (int), path (input file or URL), mask, overlay, probs (output paths; '' = none), legend
   decode            image ((h, w, 3) uint8 at the working resolution), height, width (the photo's full size),
                     status ('ok' | 'failed'), error, t_decode, decode_node
   network           scores (fc8 (C, h, w) float32, ~250 KB for a VOC photo: 16 MB less than probabilities), t_network,
@@ -141,7 +141,9 @@ def decode_rows(batch: Batch, max_side: int | None = None, ledger: Any = None, m
             path = str(batch["path"][i])
             t0 = time.perf_counter()
             try:
-                image, (height, width) = decode_photo(read_bytes(path), path, max_side)
+                # as the local engine: an overlay needs every pixel, so no reduced-scale decoding then
+                draft = None if batch["overlay"][i] else max_side
+                image, (height, width) = decode_photo(read_bytes(path), path, draft)
                 images[i] = downscale(image, working_size(height, width, max_side))
                 sizes[i] = height, width
             except Exception as exc:  # noqa: BLE001 - this image's failure
@@ -279,13 +281,17 @@ def crf_and_write(batch: Batch, params: CRFParams | None = None, stride: int = 8
                 final = refine(image, probs, params) if params is not None else probs
                 labels = upsample_labels(final, (int(batch["height"][i]), int(batch["width"][i])))
                 t2 = time.perf_counter()
-                write_outputs(OutputPaths(_path(row["mask"]), _path(row["overlay"]), _path(row["probs"])), image,
-                              labels, probs, class_names, source=row["path"])
+                outputs = OutputPaths(_path(row["mask"]), _path(row["overlay"]), _path(row["probs"]),
+                                      bool(batch["legend"][i]))
+                write_outputs(outputs, image, labels, probs, class_names, source=row["path"])
                 t3 = time.perf_counter()
             except Exception as exc:  # noqa: BLE001 - this image's failure
                 status[i], error[i] = "failed", error_text(exc, row["path"])
                 continue
-            timings["t_upsample"][i], timings["t_crf"][i], timings["t_write"][i] = t1 - t0, t2 - t1, t3 - t2
+            # as the local engine: restoring the labels to full size counts as CRF, or as upsampling without one
+            crf_seconds = t2 - t1 if params is not None else 0.0
+            timings["t_upsample"][i], timings["t_crf"][i] = t2 - t0 - crf_seconds, crf_seconds
+            timings["t_write"][i] = t3 - t2
 
     def fail(i: int, reason: str) -> None:
         status[i], error[i] = "failed", reason

@@ -32,17 +32,19 @@ def discover_urls(sources: Sequence[str], recursive: bool = True) -> list[InputF
     return found
 
 
-def plan_url_jobs(inputs: Sequence[InputFile], output: str, overlay: bool = False, save_probs: bool = False) -> list[Job]:
+def plan_url_jobs(inputs: Sequence[InputFile], output: str, overlay: bool = False, save_probs: bool = False,
+                  legend: bool = True) -> list[Job]:
     """plan_jobs for an output folder that may be a URL: the same names, under the URL."""
     if not is_url(output):
-        return plan_jobs(inputs, output, overlay=overlay, save_probs=save_probs)
+        return plan_jobs(inputs, output, overlay=overlay, save_probs=save_probs, legend=legend)
 
     listing = Listing()  # one snapshot of the output folders for this plan's completeness checks
 
     def moved(path: Path | None) -> URL | None:
         return URL(join(output, path.relative_to(_ROOT).as_posix()), listing) if path is not None else None
 
-    jobs = [Job(job.path, OutputPaths(moved(job.outputs.mask), moved(job.outputs.overlay), moved(job.outputs.probs)))
-            for job in plan_jobs(inputs, _ROOT, overlay=overlay, save_probs=save_probs)]
+    jobs = [Job(job.path, OutputPaths(moved(job.outputs.mask), moved(job.outputs.overlay), moved(job.outputs.probs),
+                                      legend))
+            for job in plan_jobs(inputs, _ROOT, overlay=overlay, save_probs=save_probs, legend=legend)]
     check_no_overwrite(jobs)
     return jobs
