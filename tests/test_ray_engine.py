@@ -25,13 +25,15 @@ from deeplab_cli.numpy_transforms import probs_from_scores, upsample_scores
 from deeplab_cli.pipeline import Segmenter
 from deeplab_cli.weightfiles.formats import build_model, load_weights
 
-ray = pytest.importorskip("ray")
+from deeplab_cli.batch.ray_engine import LOST, RayOptions, RayRun
+from deeplab_cli.batch.ray_stages import NetworkStage, crf_and_write, decode_rows
+from test_batch import FAST, mask_name, read_report, resized, run, tree  # noqa: F401 - tree is a fixture
 
-from deeplab_cli.batch.ray_engine import LOST, RayOptions, RayRun  # noqa: E402
-from deeplab_cli.batch.ray_stages import NetworkStage, crf_and_write, decode_rows  # noqa: E402
-from test_batch import FAST, mask_name, read_report, resized, run, tree  # noqa: E402,F401
-
-pytestmark = pytest.mark.slow
+try:
+    import ray
+except ImportError:  # the stages and the NumPy pieces are tested without it
+    ray = None
+on_ray = pytest.mark.skipif(ray is None, reason="needs Ray: pip install -e '.[ray]'")
 RAY_ARGS = dict(num_cpus=2, include_dashboard=False, log_to_driver=False)
 
 
@@ -103,7 +105,8 @@ def test_storage_writes_urls_whole_through_pyarrow(tmp_path: Path) -> None:
 def ray_session_started() -> None:
     """Start the test session's private local Ray once (2 CPUs, no dashboard); stopped when the session ends."""
     yield
-    ray.shutdown()
+    if ray is not None:
+        ray.shutdown()
 
 
 @pytest.fixture()
@@ -113,6 +116,8 @@ def local_ray(ray_session_started: None) -> None:
         ray.init(address="local", **RAY_ARGS)
 
 
+@pytest.mark.slow
+@on_ray
 def test_tree_through_ray_equals_the_local_engine(tmp_path: Path, tree, weights_file: Path, local_ray: None) -> None:
     root, good, bad = tree
     results = {}
@@ -134,6 +139,8 @@ def test_tree_through_ray_equals_the_local_engine(tmp_path: Path, tree, weights_
     assert written == sorted(mask_name(rel) for rel in good)  # no temporary files, nothing for the bad inputs
 
 
+@pytest.mark.slow
+@on_ray
 def test_ray_rerun_skips_and_recreates_a_deleted_output(tmp_path: Path, tree, weights_file: Path,
                                                         local_ray: None) -> None:
     root, _, bad = tree
@@ -155,6 +162,8 @@ def test_ray_rerun_skips_and_recreates_a_deleted_output(tmp_path: Path, tree, we
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != victim and p.suffix == ".png")
 
 
+@pytest.mark.slow
+@on_ray
 def test_ray_dataset_keeps_decode_out_of_the_model_actor(tmp_path: Path, photo_file: Path, weights_file: Path,
                                                          local_ray: None, capsys) -> None:
     jobs = plan_jobs(discover_inputs([photo_file]), tmp_path / "out")
@@ -164,6 +173,8 @@ def test_ray_dataset_keeps_decode_out_of_the_model_actor(tmp_path: Path, photo_f
     assert "ActorPoolMapOperator[MapBatches(NetworkStage)]" in plan  # not "decode_rows)->MapBatches(NetworkStage)"
 
 
+@pytest.mark.slow
+@on_ray
 def test_urls_in_and_out_through_pyarrow(tmp_path: Path, photo: np.ndarray, weights_file: Path, local_ray: None) -> None:
     """file:// URLs take the pyarrow path that s3:// and gs:// take: listing, reading, whole writes, skipping."""
     (tmp_path / "in" / "sub").mkdir(parents=True)
@@ -186,6 +197,8 @@ def test_urls_in_and_out_through_pyarrow(tmp_path: Path, photo: np.ndarray, weig
     assert res.exit_code == 2 and "need --engine ray" in res.stderr
 
 
+@pytest.mark.slow
+@on_ray
 def test_large_photo_runs_at_the_working_resolution_like_segment_and_the_local_engine(
         tmp_path: Path, photo: np.ndarray, weights_file: Path, local_ray: None) -> None:
     """A photo over --max-side: downscaled for network and CRF (a JPEG decoded at reduced scale unless an overlay
@@ -230,6 +243,8 @@ def _ray_processes(marker: str) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
+@on_ray
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds Ray's processes through /proc")
 def test_cli_subprocess_interrupted_leaves_no_ray_process_and_resumes(tmp_path: Path, photo: np.ndarray,
                                                                      weights_file: Path, local_ray: None) -> None:
@@ -295,6 +310,8 @@ def _children(pids: set[int]) -> dict[int, str]:
     return found
 
 
+@pytest.mark.slow
+@on_ray
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds Ray's processes through /proc")
 def test_two_node_cluster_spreads_work_survives_a_killed_actor_and_fails_a_poison_image(
         tmp_path: Path, photo: np.ndarray, weights_file: Path, monkeypatch) -> None:

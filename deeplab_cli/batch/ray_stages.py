@@ -88,8 +88,10 @@ class AttemptLedger:
         return unfinished
 
     def finish(self, key: str) -> None:
-        """Mark key as finished."""
+        """Mark key as finished; a key whose every start finished is forgotten (the ledger holds work in flight)."""
         self.finished[key] += 1
+        if self.finished[key] >= self.started[key]:
+            del self.started[key], self.finished[key]
 
 
 def guarded(ledger: Any, stage: str, indices: Sequence[int], max_crashes: int, process: Callable[[list[int]], None],
