@@ -269,8 +269,10 @@ def test_cli_subprocess_interrupted_leaves_no_ray_process_and_resumes(tmp_path: 
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "not started (interrupted)" in err
-    written = list(out.iterdir())
-    assert 0 < len(written) < 16 and all(p.suffix == ".png" for p in written)  # whole files only, no temporary names
+    written = [p for p in out.iterdir() if not p.name.startswith(".")]  # .NAME.xxxxxxxx.part: killed mid-write
+    assert 0 < len(written) < 16 and all(p.suffix == ".png" for p in written)
+    for mask in written:  # whole files only
+        assert Image.open(mask).size == (50 + int(mask.stem[1:]), 40)
     deadline = time.monotonic() + 20
     while _ray_processes(temp) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -278,7 +280,7 @@ def test_cli_subprocess_interrupted_leaves_no_ray_process_and_resumes(tmp_path: 
 
     res = run(root, "-o", out, "--weights", weights_file, "--engine", "ray", *FAST)
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in out.iterdir()) == [f"x{i:02}.png" for i in range(16)]
+    assert sorted(p.name for p in out.iterdir()) == [f"x{i:02}.png" for i in range(16)]  # temporary files cleared
 
 
 # ---------------------------------------------------------------------------------------------
