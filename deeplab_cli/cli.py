@@ -15,7 +15,7 @@ import click
 
 from . import __version__
 from .archs import ARCHS
-from .crf import BACKENDS, PRESETS
+from .crf import AUTO_PRESET, BACKENDS, PRESETS
 from .errors import DeeplabError, UsageError
 from .precision import PRECISIONS
 from .resolution import DEFAULT_MAX_SIDE
@@ -117,8 +117,9 @@ legend_option = click.option("--legend/--no-legend", default=True, show_default=
 
 crf_options = _stack(
     click.option("--no-crf", is_flag=True, help="Skip the CRF (argmax of the network's probabilities)."),
-    click.option("--crf-preset", type=click.Choice(list(PRESETS)), default="largefov", show_default=True,
-                 help="CRF parameters cross-validated for a model (the paper's per-model values)."),
+    click.option("--crf-preset", type=click.Choice([AUTO_PRESET, *PRESETS]), default=AUTO_PRESET, show_default=True,
+                 help="CRF parameters cross-validated for a model (the paper's per-model values); auto: the one "
+                 "recorded with the weights, else their architecture's (largefov without a model)."),
     click.option("--crf-iterations", type=click.IntRange(min=0), default=None, help="Mean-field iterations [10]."),
     click.option("--bi-w", type=float, default=None, help="Bilateral kernel weight w1 [preset]."),
     click.option("--bi-xy", type=float, default=None, help="Bilateral σα, pixels [preset]."),
@@ -142,16 +143,20 @@ pipeline_options = _stack(
 )
 
 
-def crf_params_from(opts: dict[str, Any]):
-    """CRFParams from the shared CRF options, or None with --no-crf."""
+def crf_overrides(opts: dict[str, Any]) -> dict[str, Any]:
+    """The CRFParams fields the shared CRF options set (None: the preset's value)."""
+    return {"iterations": opts.get("crf_iterations"), "bi_w": opts.get("bi_w"), "bi_xy": opts.get("bi_xy"),
+            "bi_rgb": opts.get("bi_rgb"), "pos_w": opts.get("pos_w"), "pos_xy": opts.get("pos_xy")}
+
+
+def crf_params_from(opts: dict[str, Any], model_preset: str = "largefov"):
+    """CRFParams from the shared CRF options ('auto' → model_preset), or None with --no-crf."""
+    from .crf import crf_params
+
     if opts.get("no_crf"):
         return None
-    params = PRESETS[opts["crf_preset"]].with_overrides(
-        iterations=opts.get("crf_iterations"), bi_w=opts.get("bi_w"), bi_xy=opts.get("bi_xy"),
-        bi_rgb=opts.get("bi_rgb"), pos_w=opts.get("pos_w"), pos_xy=opts.get("pos_xy"),
-    )
     try:
-        return params.validate()
+        return crf_params(opts.get("crf_preset", AUTO_PRESET), model_preset, **crf_overrides(opts))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -182,12 +187,14 @@ def segmenter_from(opts: dict[str, Any], log: bool = True, in_pool: bool = False
     weights, names = weights_from(opts)
     device = select_device(opts.get("device", "auto"))
     seg = Segmenter.from_weights(
-        weights, device=device, precision=opts.get("precision"), pad_to=opts.get("pad_to"), crf=crf_params_from(opts),
+        weights, device=device, precision=opts.get("precision"), pad_to=opts.get("pad_to"),
+        crf=crf_params_from(opts, weights.crf_preset),
         crf_backend=resolve_backend(opts.get("crf_backend", "auto"), str(device), in_pool), class_names=names,
         max_side=opts.get("max_side", DEFAULT_MAX_SIDE),
     )
     if log:
-        crf = f"CRF {seg.crf_backend}" if seg.crf else "no CRF"
+        preset = weights.crf_preset if opts.get("crf_preset", AUTO_PRESET) == AUTO_PRESET else opts["crf_preset"]
+        crf = f"CRF {seg.crf_backend} ({preset} preset)" if seg.crf else "no CRF"
         click.echo(f"deeplab: {weights.path} ({weights.arch}, {weights.num_classes} classes) on {seg.device} "
                    f"{seg.precision}, {crf}, {_side_text(seg.max_side)}", err=True)
     return seg
@@ -207,7 +214,8 @@ def ray_engine_from(opts: dict[str, Any], **pipeline: Any) -> Callable[[list], A
         click.echo(f"deeplab: {weights.path} ({weights.arch}, {weights.num_classes} classes), "
                    f"{_side_text(opts.get('max_side', DEFAULT_MAX_SIDE))}, on Ray", err=True)
         return RayRun(jobs, weights, device=opts.get("device", "auto"), precision=opts.get("precision"),
-                      pad_to=opts.get("pad_to"), crf=crf_params_from(opts), crf_backend=opts.get("crf_backend", "auto"),
+                      pad_to=opts.get("pad_to"), crf=crf_params_from(opts, weights.crf_preset),
+                      crf_backend=opts.get("crf_backend", "auto"),
                       max_side=opts.get("max_side", DEFAULT_MAX_SIDE), class_names=names, options=RayOptions(**pipeline),
                       log=lambda message: click.echo(f"deeplab: {message}", err=True))
 
@@ -550,11 +558,11 @@ def benchmark(fps: bool, compare: bool, size: str, batch_size: int, iters: int, 
     from .benchmark import BenchmarkOptions, parse_size, run_benchmark
     from .console import render_benchmark, say, stderr_console
 
-    crf = crf_params_from({**opts, "no_crf": False})  # --compare times the CRF even with --no-crf
-    options = BenchmarkOptions(
+    options = BenchmarkOptions(  # --compare times the CRF even with --no-crf
         size=parse_size(size), batch_size=batch_size, iters=iters, warmup=warmup, device=opts["device"],
         precision=opts["precision"], channels_last=channels_last, arch=opts["arch"], weights=opts["weights"],
-        classes_file=opts["classes_file"], pad_to=opts["pad_to"], images=images_dir, max_side=opts["max_side"], crf=crf,
+        classes_file=opts["classes_file"], pad_to=opts["pad_to"], images=images_dir, max_side=opts["max_side"],
+        crf_preset=opts["crf_preset"], crf_overrides=crf_overrides(opts),
         use_crf=not opts["no_crf"], crf_backend=opts["crf_backend"], fps=fps or not compare, variants=variants,
         compare=compare,
     )

@@ -229,14 +229,14 @@ class DownloadProgress(_Bar):
 
 
 def models_table(rows: list[dict], cache: Path) -> Table:
-    """`deeplab weights list`: name, arch, status and sha256 (published or recorded) of each model."""
+    """`deeplab weights list`: name, arch, CRF preset, status and sha256 (published or recorded) of each model."""
     table = Table(title=f"cache: {cache}", title_justify="left")
-    for col in ("name", "arch", "status", "sha256"):
+    for col in ("name", "arch", "CRF preset", "status", "sha256"):
         table.add_column(col, no_wrap=col != "status")
     for r in rows:
         sha = r["published_sha256"] or r["recorded_sha256"]
         sha = f"{sha[:16]}… ({'published' if r['published_sha256'] else 'recorded'})" if sha else "none published"
-        table.add_row(r["name"], r["arch"] or "-", r["status"], sha)
+        table.add_row(r["name"], r["arch"] or "-", r["crf_preset"] or "-", r["status"], sha)
     return table
 
 
@@ -268,7 +268,8 @@ def render_benchmark(report: dict[str, Any], console: Console) -> None:
         ("precision", env["precision"] + (" + channels_last" if env["channels_last"] else "")),
         ("size", f"{format_size(env['image_size'])} (network input {format_size(env['input_size'])}), batch {env['batch_size']}"),
         ("runs", f"{env['iters']} timed (medians, min/max) after {env['warmup']} warm-up; images: {env['images']}"),
-        ("CRF", f"{env['crf_backend']}, {env['crf']['iterations']} iterations" if env["crf_backend"] else "off"),
+        ("CRF", f"{env['crf_backend']}, preset {env['crf_preset']}, {env['crf']['iterations']} iterations"
+                if env["crf_backend"] else "off"),
     ]
     if env["device"].startswith("cuda"):
         rows.append(("CUDA", f"{env['cuda']}, cuDNN {env['cudnn']}, TF32 conv {env['tf32_conv']} / matmul {env['tf32_matmul']}"))

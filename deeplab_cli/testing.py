@@ -11,12 +11,13 @@ import os
 import numpy as np
 import torch
 
+from .archs import ArchConfig
 from .io import write_bytes
-from .model import DeepLab, layer_order
-from .weightfiles.caffe import V1_CONVOLUTION, messages
+from .model import DeepLab
+from .weightfiles.caffe import V1_CONVOLUTION, caffe_name, messages
 
 
-def random_model(arch: str = "largefov", num_classes: int = 21, seed: int = 0) -> DeepLab:
+def random_model(arch: str | ArchConfig = "largefov", num_classes: int = 21, seed: int = 0) -> DeepLab:
     """A DeepLab with seeded He-normal weights and small biases (activations stay in range through all layers)."""
     gen = torch.Generator().manual_seed(seed)
     model = DeepLab(arch, num_classes)
@@ -45,13 +46,15 @@ def random_smooth_probs(height: int, width: int, labels: int, seed: int = 0, sca
     return torch.softmax(up[0, :, :height, :width], dim=0).numpy()
 
 
-def caffemodel_bytes(sd: dict[str, torch.Tensor], fc8_name: str = "fc8_voc12", legacy: bool = False) -> bytes:
-    """Serialize our state dict as a NetParameter: new-style `layer`s with blob shapes, or legacy V1 `layers`
-    with num/channels/height/width blobs and biases stored [1, 1, 1, n] (as the authors' old files do)."""
+def caffemodel_bytes(sd: dict[str, torch.Tensor], fc8_name: str = "fc8_voc12", legacy: bool = False,
+                     rename: dict[str, str] | None = None) -> bytes:
+    """Serialize our state dict (any architecture) as a NetParameter: new-style `layer`s with blob shapes, or legacy
+    V1 `layers` with num/channels/height/width blobs and biases stored [1, 1, 1, n] (as the authors' old files
+    do). Layers get the authors' names (caffe_name: fc8 → fc8_name), or rename[our name]."""
     net = messages(raw=True).NetParameter(name="DeepLab")
-    for name in layer_order():
+    for name in dict.fromkeys(key.rpartition(".")[0] for key in sd):
         layer = net.layers.add() if legacy else net.layer.add()
-        layer.name = fc8_name if name == "fc8" else name
+        layer.name = (rename or {}).get(name) or caffe_name(name, fc8_name)
         layer.type = V1_CONVOLUTION if legacy else "Convolution"
         for key in ("weight", "bias"):
             arr = sd[f"{name}.{key}"].detach().to("cpu", torch.float32).contiguous().numpy()

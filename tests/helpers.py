@@ -1,7 +1,11 @@
-"""What every CLI test needs: run `deeplab` in-process through the real click group, and check a one-line error."""
+"""What the tests share: run `deeplab` in-process through the real click group, check a one-line error, and run
+a network in OpenCV's independent Caffe implementation to compare scores with ours."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from click.testing import CliRunner, Result
 
 from deeplab_cli.cli import main
@@ -22,3 +26,20 @@ def one_line_error(result: Result, code: int = 1, alone: bool = True) -> str:
     if alone:
         assert len(lines) == 1, result.stderr
     return lines[-1]
+
+
+def opencv_caffe(prototxt: Path, caffemodel: Path, x: torch.Tensor, blobs: list[str]) -> list[torch.Tensor]:
+    """The named blobs of a Caffe net run by OpenCV's `cv2.dnn.readNetFromCaffe` on input x (N, 3, H, W)."""
+    import cv2
+
+    net = cv2.dnn.readNetFromCaffe(str(prototxt), str(caffemodel))
+    net.setInput(x.numpy())
+    return [torch.from_numpy(a) for a in net.forward(blobs)]
+
+
+def assert_same_scores(ours: torch.Tensor, theirs: torch.Tensor, argmax: bool = True) -> None:
+    """Same shape, within 1e-4 of the largest score (relative), and (argmax) the same class at every position."""
+    assert ours.shape == theirs.shape
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= 1e-4
+    if argmax:
+        assert torch.equal(ours.argmax(1), theirs.argmax(1))

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from deeplab_cli import storage, transforms
+from deeplab_cli.archs import ARCHS
 from deeplab_cli.batch import discover_inputs, plan_jobs
 from deeplab_cli.crf import CRFParams
 from deeplab_cli.numpy_transforms import probs_from_scores, upsample_scores
@@ -41,20 +42,21 @@ RAY_ARGS = dict(num_cpus=2, include_dashboard=False, log_to_driver=False)
 # Torch-free pieces, no Ray
 
 
-@pytest.mark.parametrize("arch", ["largefov", "deeplab"])
+@pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("fc8", [(65, 65), (17, 12), (5, 9), (2, 3)])
 def test_numpy_upsampling_equals_torch(arch: str, fc8: tuple[int, int]) -> None:
     rng = np.random.default_rng(sum(fc8))
     scores = (rng.standard_normal((21, *fc8)) * 8).astype(np.float32)
     up = transforms.upsample_scores(torch.from_numpy(scores)[None], arch)[0]
-    offset = 7 if arch == "deeplab" else 0
+    offset = ARCHS[arch].crop_offset
+    assert arch not in ("deeplab", "largefov") or offset == {"deeplab": 7, "largefov": 0}[arch]  # the authors' crops
     height, width = max(1, up.shape[1] - 3), max(1, up.shape[2] - 1)  # a crop smaller than the padded map, as for a real photo
-    ours = upsample_scores(scores, height, width, 8, offset)
+    ours = upsample_scores(scores, height, width, ARCHS[arch].output_stride, offset)
     theirs = up[:, :height, :width].numpy()
     assert ours.shape == theirs.shape == (21, height, width)
     assert np.abs(ours - theirs).max() <= 1e-5
     assert (ours.argmax(0) == theirs.argmax(0)).all()
-    probs = probs_from_scores(scores, height, width, 8, offset)
+    probs = probs_from_scores(scores, height, width, ARCHS[arch].output_stride, offset)
     reference = transforms.scores_to_probs(up, height, width).numpy()
     assert np.abs(probs - reference).max() <= 1e-5 and (probs.argmax(0) == reference.argmax(0)).all()
 
