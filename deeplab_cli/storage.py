@@ -31,7 +31,10 @@ def is_url(path: str | os.PathLike) -> bool:
 @lru_cache(maxsize=16)
 def _filesystem(root: str) -> Any:
     """One pyarrow filesystem per 'scheme://authority' (resolving an S3 bucket's region costs a request)."""
-    import pyarrow.fs
+    try:
+        import pyarrow.fs
+    except ImportError:
+        raise UsageError(f"{root}: URLs are read through pyarrow: pip install 'deeplab-cli[ray]'") from None
 
     try:
         return pyarrow.fs.FileSystem.from_uri(root + "/")[0]
@@ -97,9 +100,9 @@ def write_bytes(path: str, data: bytes) -> None:
 def list_files(url: str) -> Iterator[tuple[str, PurePosixPath, int]]:
     """Every file below a URL (recursively), hidden names skipped: (url, path relative to it, size in bytes).
     A URL naming one file gives that file, relative to its folder."""
+    fs, inner = resolve(url)  # first: a one-line error when pyarrow is missing
     import pyarrow.fs
 
-    fs, inner = resolve(url)
     try:
         info = fs.get_file_info(inner)
         if info.type == pyarrow.fs.FileType.File:
@@ -129,9 +132,9 @@ class Listing:
     def sizes(self, folder: str) -> dict[str, int]:
         """Names → sizes of the files directly in a folder URL (listed on first use; {} when it does not exist)."""
         if folder not in self._folders:
+            fs, inner = resolve(folder)
             import pyarrow.fs
 
-            fs, inner = resolve(folder)
             try:
                 infos = fs.get_file_info(pyarrow.fs.FileSelector(inner, recursive=False, allow_not_found=True))
             except OSError:
