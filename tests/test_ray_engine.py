@@ -5,6 +5,7 @@ image), and a real subprocess whose private Ray leaves no process behind."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -279,6 +280,7 @@ def test_cli_subprocess_interrupted_leaves_no_ray_process_and_resumes(tmp_path: 
     while _ray_processes(temp) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _ray_processes(temp) == []
+    shutil.rmtree(temp, ignore_errors=True)
 
     res = run(root, "-o", out, "--weights", weights_file, "--engine", "ray", *FAST)
     assert res.exit_code == 0, res.output
@@ -369,6 +371,7 @@ def test_two_node_cluster_spreads_work_survives_a_killed_actor_and_fails_a_poiso
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
     deadline = time.monotonic() + 20
     while _ray_processes(str(poison_log)) and time.monotonic() < deadline:
         time.sleep(0.2)
