@@ -143,7 +143,7 @@ pipeline_options = _stack(
 )
 
 
-video_options = _stack(  # which frames of a video are segmented (video.FrameSelection.parse)
+video_options = _stack(  # which frames of a video are segmented (video.FrameSelection.parse; keys every, start, end)
     click.option("--every", type=click.IntRange(min=1), default=1, metavar="N", help="Videos: every Nth frame [1]."),
     click.option("--start", metavar="TIME", help="Videos: first frame, a time (10s, 1m, 1:02.5) or a frame number (250f)."),
     click.option("--end", metavar="TIME", help="Videos: stop before this time or frame number (exclusive)."),
@@ -168,15 +168,11 @@ def crf_params_from(opts: dict[str, Any], model_preset: str = "largefov"):
         raise UsageError(str(exc)) from None
 
 
-def segmenter_from(opts: dict[str, Any], log: bool = True, in_pool: bool = False):
-    """Build the Segmenter that the shared model and CRF options describe, saying on stderr what it uses.
-
-    in_pool: the CRF will run in worker processes (batch, evaluate), which decides what 'auto' picks on the CPU.
-    """
-    from .crf import resolve_backend
-    from .palette import load_class_names
-    from .pipeline import Segmenter, select_device
+def weights_from(opts: dict[str, Any]):
+    """(weights, class names or None for VOC's) that the shared model options name; the default model is fetched
+    on first use, with a progress bar."""
     from .console import DownloadProgress, stderr_console
+    from .palette import load_class_names
     from .weightfiles.fetch import resolve_or_fetch
     from .weightfiles.formats import load_weights
 
@@ -184,6 +180,18 @@ def segmenter_from(opts: dict[str, Any], log: bool = True, in_pool: bool = False
         path = resolve_or_fetch(opts.get("weights"), offline=opts.get("offline", False), progress=progress)
     weights = load_weights(path, arch=opts.get("arch"))
     names = load_class_names(opts.get("classes_file"), weights.num_classes) if opts.get("classes_file") else None
+    return weights, names
+
+
+def segmenter_from(opts: dict[str, Any], log: bool = True, in_pool: bool = False):
+    """Build the Segmenter that the shared model and CRF options describe, saying on stderr what it uses.
+
+    in_pool: the CRF will run in worker processes (batch, evaluate), which decides what 'auto' picks on the CPU.
+    """
+    from .crf import resolve_backend
+    from .pipeline import Segmenter, select_device
+
+    weights, names = weights_from(opts)
     device = select_device(opts.get("device", "auto"))
     seg = Segmenter.from_weights(
         weights, device=device, precision=opts.get("precision"), pad_to=opts.get("pad_to"),
@@ -194,10 +202,31 @@ def segmenter_from(opts: dict[str, Any], log: bool = True, in_pool: bool = False
     if log:
         preset = weights.crf_preset if opts.get("crf_preset", AUTO_PRESET) == AUTO_PRESET else opts["crf_preset"]
         crf = f"CRF {seg.crf_backend} ({preset} preset)" if seg.crf else "no CRF"
-        side = f"max side {seg.max_side}" if seg.max_side else "full resolution"
         click.echo(f"deeplab: {weights.path} ({weights.arch}, {weights.num_classes} classes) on {seg.device} "
-                   f"{seg.precision}, {crf}, {side}", err=True)
+                   f"{seg.precision}, {crf}, {_side_text(seg.max_side)}", err=True)
     return seg
+
+
+def _side_text(max_side: int | None) -> str:
+    return f"max side {max_side}" if max_side else "full resolution"
+
+
+def ray_engine_from(opts: dict[str, Any], **pipeline: Any) -> Callable[[list], Any]:
+    """engine(jobs) → a batch.ray_engine.RayRun for `batch --engine ray`; the weights load at the call (nothing to
+    do: never)."""
+    from .batch.ray_engine import RayOptions, RayRun
+
+    def engine(jobs: list) -> RayRun:
+        weights, names = weights_from(opts)
+        click.echo(f"deeplab: {weights.path} ({weights.arch}, {weights.num_classes} classes), "
+                   f"{_side_text(opts.get('max_side', DEFAULT_MAX_SIDE))}, on Ray", err=True)
+        return RayRun(jobs, weights, device=opts.get("device", "auto"), precision=opts.get("precision"),
+                      pad_to=opts.get("pad_to"), crf=crf_params_from(opts, weights.crf_preset),
+                      crf_backend=opts.get("crf_backend", "auto"),
+                      max_side=opts.get("max_side", DEFAULT_MAX_SIDE), class_names=names, options=RayOptions(**pipeline),
+                      log=lambda message: click.echo(f"deeplab: {message}", err=True))
+
+    return engine
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,13 +235,11 @@ def segmenter_from(opts: dict[str, Any], log: bool = True, in_pool: bool = False
 
 @main.command()
 @click.argument("image", metavar="IMAGE|VIDEO")
-@click.option("-o", "--output", required=True, metavar="OUT.png|DIR|OUT.mkv", help="Palette PNG mask ('-' for "
-              "stdout); for a video a folder of NNN.png masks or a lossless label video (.mkv, .avi, .mov).")
-@click.option("--overlay", metavar="PATH", default=None, help="Also write the image blended with the colour mask; "
-              "for a video an .mp4/.mov/.mkv/.avi at the source frame rate ÷ --every, or a folder of NNN.jpg.")
+@click.option("-o", "--output", required=True, metavar="OUT.png|DIR|OUT.mkv", help="Palette PNG mask ('-': stdout).")
+@click.option("--overlay", metavar="PATH", default=None, help="Also write the image blended with the colour mask.")
 @click.option("--save-probs", metavar="PATH.npy", default=None,
               help="Also save (C, h, w) float32 softmax probabilities before the CRF, at the working resolution "
-                   "(the photo's size up to --max-side; the array's shape gives it). Images only.")
+                   "(the photo's size up to --max-side; the array's shape gives it).")
 @click.option("--overwrite", is_flag=True, help="Videos: redo frames whose masks exist in -o DIR (default: resume).")
 @legend_option
 @video_options
@@ -220,20 +247,23 @@ def segmenter_from(opts: dict[str, Any], log: bool = True, in_pool: bool = False
 @crf_options
 @pipeline_options
 def segment(image: str, output: str, overlay: str | None, save_probs: str | None, overwrite: bool, legend: bool,
-            every: int, start: str | None, end: str | None, batch_size: int | None, crf_workers: int | None,
-            net_threads: int | None, **opts: Any) -> None:
+            batch_size: int | None, crf_workers: int | None, net_threads: int | None, **opts: Any) -> None:
     """Segment one IMAGE ('-' for stdin) into a VOC-coloured palette PNG mask, or every frame of a VIDEO.
 
-    Videos (.mp4 .mov .avi .mkv .webm …) stream through `deeplab batch`'s pipeline (its options apply), frames at
-    --max-side like photos; audio is not carried. A rerun into a mask folder resumes at the first missing frame;
-    Ctrl-C finishes the frames in flight and leaves a playable overlay video (exit code 130).
+    A VIDEO (.mp4 .mov .avi .mkv .webm …; audio is not carried) streams through `deeplab batch`'s pipeline, frames
+    at --max-side like photos: -o DIR gets NNN.png masks (a rerun resumes at the first missing one), -o OUT.mkv
+    (.avi, .mov) a lossless label video; --overlay an .mp4/.mov/.mkv/.avi video at the source rate ÷ --every, or
+    a folder of NNN.jpg. Ctrl-C finishes the frames in flight and leaves a playable overlay video (exit code 130).
     """
     from .video import FrameSelection, is_video_path
 
     if is_video_path(image) and image != "-":
-        _segment_video(image, output, overlay, save_probs, overwrite, FrameSelection.parse(start, end, every),
-                       legend, opts, batch_size=batch_size, crf_workers=crf_workers, net_threads=net_threads)
-        return
+        from .console import segment_video_file
+
+        selection = FrameSelection.parse(opts["start"], opts["end"], opts["every"])
+        sys.exit(segment_video_file(image, output, overlay, save_probs, overwrite, selection, legend,
+                                    lambda: segmenter_from(opts, in_pool=True), batch_size=batch_size,
+                                    crf_workers=crf_workers, net_threads=net_threads))
     from .io import overlay_image, read_photo, same_file, write_image, write_mask, write_probs
 
     for out in (output, overlay, save_probs):
@@ -260,21 +290,6 @@ def segment(image: str, output: str, overlay: str | None, save_probs: str | None
     write_mask(output, result.labels)
 
 
-def _segment_video(source: str, output: str, overlay: str | None, save_probs: str | None, overwrite: bool,
-                   selection: Any, legend: bool, opts: dict[str, Any], **pipeline: Any) -> None:
-    from .batch import exit_on_next_interrupt
-    from .batch.videos import plan_video
-    from .console import segment_video_with_progress, stderr_console
-
-    job, info = plan_video(source, output, overlay, save_probs, legend, selection)  # before the model: fail fast
-    try:
-        result = segment_video_with_progress(lambda: segmenter_from(opts, in_pool=True), job, stderr_console(),
-                                             overwrite=overwrite, info=info, **pipeline)
-    finally:
-        exit_on_next_interrupt(130)
-    sys.exit(130 if result.interrupted else 0 if result.ok else 1)
-
-
 @main.command()
 @click.argument("inputs", nargs=-1, metavar="[FOLDER|GLOB|IMAGE|VIDEO]...")
 @click.option("-o", "--output", default=None, metavar="DIR",
@@ -284,33 +299,34 @@ def _segment_video(source: str, output: str, overlay: str | None, save_probs: st
               help="Also read input paths from FILE ('-' for stdin), one per line or NUL-separated.")
 @click.option("--recursive/--no-recursive", default=True, show_default=True, help="Walk input folders recursively.")
 @click.option("--overwrite", is_flag=True, help="Redo images whose outputs exist (default: skip them, so reruns resume).")
-@click.option("--overlay", is_flag=True, help="Also write NAME.overlay.jpg: the image blended with the colour mask "
-              "(for a video NAME.overlay.mp4).")
+@click.option("--overlay", is_flag=True, help="Also write NAME.overlay.jpg: the image blended with the colour mask.")
 @legend_option
-@click.option("--save-probs", is_flag=True, help="Also write NAME.probs.npy: (C, h, w) float32 probabilities before the "
-              "CRF, at the working resolution (images only).")
+@click.option("--save-probs", is_flag=True,
+              help="Also write NAME.probs.npy: (C, h, w) float32 probabilities before the CRF, at the working resolution.")
 @click.option("--report", metavar="FILE.jsonl", default=None,
-              help="Write one JSON line per input (per video: frames done / failed): path, output, status, error, timings.")
+              help="Write one JSON line per input: path, output, status, error, timings (videos: frames).")
 @click.option("--no-progress", is_flag=True, help="No live progress bar (the summary is still printed).")
 @video_options
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this machine's streaming pipeline. ray: Ray Data on $RAY_ADDRESS's cluster (else a private "
+                   "local Ray); inputs and -o may then be s3:// or gs:// URLs. Needs pip install 'deeplab-cli[ray]'.")
 @model_options
 @crf_options
 @pipeline_options
 def batch(inputs: tuple[str, ...], output: str | None, from_list: str | None, recursive: bool, overwrite: bool, overlay: bool,
-          legend: bool, save_probs: bool, report: str | None, every: int, start: str | None, end: str | None,
-          batch_size: int | None, crf_workers: int | None, net_threads: int | None, no_progress: bool,
-          **opts: Any) -> None:
+          legend: bool, save_probs: bool, report: str | None, batch_size: int | None, crf_workers: int | None,
+          net_threads: int | None, no_progress: bool, engine: str, **opts: Any) -> None:
     """Segment every image and video in folders, globs or a list into masks mirroring the tree under -o.
 
-    A video NAME.mp4 gives NAME/ of frame masks (000123.png; --every/--start/--end pick them), with --overlay
-    NAME.overlay.mp4; audio is not carried. Resumable: complete outputs are skipped, a video resumes at its first
-    missing frame. Exit code 0 when all succeeded, 1 when any image or video failed (listed in the summary and
-    --report), 130 when interrupted (Ctrl-C finishes the images in flight).
+    A video NAME.mp4 gives NAME/ of frame masks (000123.png; audio is not carried), with --overlay NAME.overlay.mp4.
+    Resumable: complete outputs are skipped, a video resumes at its first missing frame. Exit code 0 when all
+    succeeded, 1 when any image or video failed (listed in the summary and --report), 130 when interrupted
+    (Ctrl-C finishes the images in flight).
     """
-    from .batch import (
-        check_output_dir, default_output_dir, discover_inputs, exit_on_next_interrupt, plan_jobs, segment_tree,
-    )
+    from .batch import check_output_dir, default_output_dir, discover_inputs, exit_on_next_interrupt, segment_tree
+    from .batch.remote_inputs import discover_urls, plan_url_jobs
     from .console import BatchProgress, describe_video, on_interrupt, print_summary, say, stderr_console
+    from .storage import is_url
     from .video import FrameSelection
 
     if not inputs and from_list is None:
@@ -321,19 +337,25 @@ def batch(inputs: tuple[str, ...], output: str | None, from_list: str | None, re
         output = str(default_output_dir(inputs, from_list))
         say(console, f"writing to {output} (no -o given)")
     check_output_dir(output, inputs)
-    found = discover_inputs(inputs, recursive=recursive, from_list=from_list, exclude=output,
-                            warn=lambda message: say(console, message), videos=True)
-    jobs = plan_jobs(found, output, overlay=overlay, save_probs=save_probs, legend=legend,
-                     selection=FrameSelection.parse(start, end, every))
+    urls = [source for source in inputs if is_url(source)]
+    if engine != "ray" and (urls or is_url(output)):
+        raise UsageError("inputs or outputs named by URL (s3://, gs://, ...) need --engine ray")
+    local = [source for source in inputs if not is_url(source)]
+    found = discover_inputs(local, recursive=recursive, from_list=from_list, exclude=output, videos=True,
+                            warn=lambda message: say(console, message)) if local or from_list is not None else []
+    found += discover_urls(urls, recursive=recursive)
+    jobs = plan_url_jobs(found, output, overlay=overlay, save_probs=save_probs, legend=legend,
+                         selection=FrameSelection.parse(opts["start"], opts["end"], opts["every"]))
     if not jobs:
         say(console, "no images or videos found")
+    pipeline = dict(batch_size=batch_size, crf_workers=crf_workers, net_threads=net_threads)
     try:
         with BatchProgress(console, enabled=not no_progress) as progress:
             summary = segment_tree(
                 jobs, lambda: segmenter_from(opts, in_pool=True), overwrite=overwrite, report=report,
                 on_start=progress.on_start, on_result=progress.on_result, on_video=progress.on_video,
                 on_video_result=lambda result, _: say(console, describe_video(result)), on_interrupt=on_interrupt(console),
-                batch_size=batch_size, crf_workers=crf_workers, net_threads=net_threads,
+                engine=ray_engine_from(opts, **pipeline) if engine == "ray" else None, **pipeline,
             )
     finally:
         exit_on_next_interrupt(130)  # the run is over (or aborted): another Ctrl-C just ends the process
@@ -557,8 +579,7 @@ def weights_info(file: str, as_json: bool) -> None:
               help="Run the network in channels_last memory format (segment and batch do).")
 @click.option("--variants/--no-variants", default=True, show_default=True,
               help="Also time every precision / memory format of the device and its argmax agreement with fp32.")
-@click.option("--video", metavar="CLIP", default=None, help="Instead: decode and end-to-end frames/s (with and "
-              "without the CRF) of this video's first --frames frames, as `segment CLIP -o DIR` runs them.")
+@click.option("--video", metavar="CLIP", default=None, help="Instead: decode and end-to-end frames/s of a video.")
 @click.option("--frames", type=click.IntRange(min=1), default=30, show_default=True, help="With --video: frames timed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object on stdout (keys: README).")
 @model_options
@@ -581,12 +602,9 @@ def benchmark(fps: bool, compare: bool, size: str, batch_size: int, iters: int, 
         compare=compare,
     )
     console = stderr_console()
-    if video:
-        report = run_video_benchmark(options, video, frames, lambda message: say(console, message), batch_size=batch_size)
-        render_video_benchmark(report, console)
-    else:
-        report = run_benchmark(options, log=lambda message: say(console, message))
-        render_benchmark(report, console)
+    log = lambda message: say(console, message)  # noqa: E731
+    report = run_video_benchmark(options, video, frames, log, batch_size=batch_size) if video else run_benchmark(options, log)
+    (render_video_benchmark if video else render_benchmark)(report, console)
     if as_json:
         click.echo(json.dumps(report))
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .evaluate import Dataset
     from .pipeline import Segmenter
     from .refine import FolderPlan
+    from .video import FrameSelection
 
 INTERRUPTED = "[yellow]interrupted: finishing the {} in flight (Ctrl-C again to abort)[/]"
 
@@ -126,16 +127,24 @@ class BatchProgress(_Bar):
         return update
 
 
-def segment_video_with_progress(segmenter: Segmenter | Callable[[], Segmenter], job: VideoJob, console: Console,
-                                **kwargs: Any) -> VideoResult:
-    """`deeplab segment VIDEO`: batch.segment_video (kwargs: its options) with a bar in frames, then its line."""
-    from .batch import segment_video
+def segment_video_file(source: str, output: str, overlay: str | None, save_probs: str | None, overwrite: bool,
+                       selection: FrameSelection, legend: bool, segmenter: Callable[[], Segmenter],
+                       **pipeline: Any) -> int:
+    """`deeplab segment VIDEO`: plan (fail fast, before the model loads), batch.segment_video with a bar in frames,
+    its closing line; returns the exit code (130 interrupted, 1 failed, 0). pipeline: run_batch's options."""
+    from .batch import exit_on_next_interrupt, segment_video
+    from .batch.videos import plan_video
 
-    with BatchProgress(console) as bar:
-        result = segment_video(segmenter, job, progress=bar.on_video(job), on_interrupt=on_interrupt(console, "frames"),
-                               **kwargs)
+    job, info = plan_video(source, output, overlay, save_probs, legend, selection)
+    console = stderr_console()
+    try:
+        with BatchProgress(console) as bar:
+            result = segment_video(segmenter, job, overwrite, info, bar.on_video(job),
+                                   on_interrupt=on_interrupt(console, "frames"), **pipeline)
+    finally:
+        exit_on_next_interrupt(130)  # the run is over (or aborted): another Ctrl-C just ends the process
     say(console, describe_video(result))
-    return result
+    return 130 if result.interrupted else 0 if result.ok else 1
 
 
 def describe_video(result: VideoResult) -> str:

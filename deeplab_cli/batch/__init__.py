@@ -5,7 +5,9 @@ dataset through the same engine). One module per job:
 - `engine`: the streaming pipeline (`run_batch`, `BatchRun`, `ImageResult`);
 - `crf_pool`: the CRF executor (worker processes or one thread), shared with folder `refine`;
 - `videos`: a video's frames through the engine, label/overlay videos in frame order, resume (`segment_video`);
-- `tree`: what the command does with a planned tree: skip, stream, report, summarise (`segment_tree`).
+- `tree`: what the command does with a planned tree: skip, stream, report, summarise (`segment_tree`);
+- `ray_engine`, `ray_stages`, `remote_inputs`: `--engine ray`, the same jobs on Ray Data (`RayRun`: the driver;
+  the work in Ray's workers; inputs and outputs named by URL). Imported on demand: Ray is an optional extra.
 
 Library API:
 

@@ -47,7 +47,7 @@ import signal
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +56,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import DeeplabError, UsageError
-from ..io import decode_photo, encode_mask_png, overlay_image, photo_size, read_bytes, write_bytes, write_image, write_probs
+from .. import storage
+from ..io import decode_photo, encode_image, encode_mask_png, encode_probs, overlay_image, photo_size, read_bytes
 from ..memory import available_bytes
 from ..resolution import downscale, upsample_labels
 from .crf_pool import CRFPool, crf_task
@@ -120,7 +121,7 @@ def skipped_result(job: Job) -> ImageResult:
     return ImageResult(job, "skipped")
 
 
-def _error_text(exc: BaseException, path: Path) -> str:
+def error_text(exc: BaseException, path: Path) -> str:
     """An exception as a one-line reason, without the path prefix our own errors carry."""
     text = str(exc) or type(exc).__name__
     prefix = f"{path}: "
@@ -404,7 +405,7 @@ class BatchRun:
                     item = future.result()
                 except Exception as exc:  # noqa: BLE001 - any decode failure is this image's failure
                     self._budget.release(charge)
-                    self._results.put(_Message(ImageResult(job, "failed", _error_text(exc, job.path))))
+                    self._results.put(_Message(ImageResult(job, "failed", error_text(exc, job.path))))
                     continue
                 bucket = buckets.setdefault(item.size, [])
                 bucket.append(item)
@@ -449,7 +450,7 @@ class BatchRun:
                     self._run_network([item])
                 return
             self._in_flight.begin()
-            self._emit(items[0], ImageResult(items[0].job, "failed", f"network failed: {_error_text(exc, items[0].job.path)}",
+            self._emit(items[0], ImageResult(items[0].job, "failed", f"network failed: {error_text(exc, items[0].job.path)}",
                                              shape=items[0].full))
             return
         for item in items:
@@ -526,25 +527,16 @@ class BatchRun:
             probs = item.probs if isinstance(item.probs, np.ndarray) else None
             t0 = time.perf_counter()
             if job.outputs is not None:
-                self._write_outputs(job.outputs, item.picture, result.labels, probs, self.segmenter.class_names)
+                write_outputs(job.outputs, item.picture, result.labels, probs, self.segmenter.class_names)
             item.timings["write"] = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - a failure of this image only
-            result.status, result.error = "failed", _error_text(exc, job.path)
+            result.status, result.error = "failed", error_text(exc, job.path)
             result.labels_after_crf = result.crf_probs = None
         if self.keep_images:
             result.image = item.picture
         if self.keep_probs and result.ok:
             result.probs = probs
         self._emit(item, result)
-
-    @staticmethod
-    def _write_outputs(outputs: OutputPaths, image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None,
-                       class_names: list[str] | None) -> None:
-        if outputs.probs is not None:
-            write_probs(outputs.probs, probs)
-        if outputs.overlay is not None:
-            write_image(outputs.overlay, overlay_image(image, labels, class_names if outputs.legend else None))
-        write_bytes(outputs.mask, encode_mask_png(labels))  # the mask last: it marks the image as complete
 
     def _emit(self, item: _Item, result: ImageResult) -> None:
         item.image = item.full_image = item.probs = None
@@ -556,6 +548,22 @@ class BatchRun:
     def peak_bytes(self) -> int:
         """The most bytes of images in flight at once (estimated from their headers), for tests and diagnostics."""
         return self._budget.peak
+
+
+def write_outputs(outputs: OutputPaths, image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None = None,
+                  class_names: Sequence[str] | None = None, source: str | None = None) -> None:
+    """Write the probabilities and the overlay (legend of class_names when outputs.legend) that outputs asks for,
+    then the mask, last: it marks the image as complete. Each file whole or not at all, at a path or URL
+    (storage.write_bytes). labels (H, W) at full size; image (H, W, 3), or smaller (a working resolution): the
+    overlay then decodes `source` again at full size."""
+    if outputs.probs is not None:
+        storage.write_bytes(str(outputs.probs), encode_probs(probs))
+    if outputs.overlay is not None:
+        if image.shape[:2] != labels.shape and source is not None:
+            image = decode_photo(storage.read_bytes(source), source)[0]
+        overlay = overlay_image(image, labels, class_names if outputs.legend else None)
+        storage.write_bytes(str(outputs.overlay), encode_image(overlay, outputs.overlay))
+    storage.write_bytes(str(outputs.mask), encode_mask_png(labels))
 
 
 def _free_device_memory(exc: BaseException) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..errors import UsageError
 from ..io import atomic_path
 from ..stages import BATCH_STAGES as STAGES
 from .engine import ImageResult, run_batch, skipped_result
@@ -119,13 +120,14 @@ def exit_on_next_interrupt(code: int = 130) -> None:
 
 def segment_tree(
     jobs: Sequence[Job | VideoJob],
-    segmenter: Segmenter | Callable[[], Segmenter],
+    segmenter: Segmenter | Callable[[], Segmenter] | None,
     overwrite: bool = False,
     report: str | None = None,
     on_start: Callable[[int], None] | None = None,
     on_result: Callable[[ImageResult, BatchSummary], None] | None = None,
     on_video: Callable[[VideoJob], Callable[[VideoResult], None] | None] | None = None,
     on_video_result: Callable[[VideoResult, BatchSummary], None] | None = None,
+    engine: Callable[[list[Job]], Any] | None = None,
     **options: Any,
 ) -> BatchSummary:
     """Run `deeplab batch` over planned jobs (images, then videos): skip complete ones, stream the rest, write
@@ -134,7 +136,10 @@ def segment_tree(
     segmenter may be a callable building it, so a run with nothing to do never loads the model.
     on_start(images to segment) is called before the first, on_result(result, summary so far) after each
     streamed image; on_video(job) before each video returns its progress callback (see segment_video),
-    on_video_result(result, summary) follows it. options are run_batch's (on_interrupt included).
+    on_video_result(result, summary) follows it. options are run_batch's (on_interrupt included). engine(jobs
+    to do), when given, replaces run_batch for the images: it returns a run like BatchRun's (iterable of
+    ImageResult, `wall`, `interrupted`, `close()`), e.g. ray_engine.RayRun; videos run on the local engine only
+    and are refused with it (UsageError).
     """
     summary = BatchSummary(total=len(jobs))
     built: list[Segmenter] = []
@@ -147,6 +152,8 @@ def segment_tree(
     todo: list[Job] = []
     skipped: list[Job] = []
     videos = [job for job in jobs if isinstance(job, VideoJob)]
+    if videos and engine is not None:
+        raise UsageError(f"{videos[0].path}: videos run on the local engine only; segment them without --engine ray")
     for job in jobs:
         if isinstance(job, Job):
             (skipped if not overwrite and is_complete(job) else todo).append(job)
@@ -158,7 +165,10 @@ def segment_tree(
             summary.add(result)
             out.write(result)
         if todo:
-            run = run_batch(get_segmenter(), todo, **options)
+            if engine is not None:
+                run = engine(todo)
+            else:
+                run = run_batch(get_segmenter(), todo, **options)
             if on_start:
                 on_start(len(todo))
             with contextlib.closing(run):
