@@ -29,7 +29,8 @@ from deeplab_cli.weightfiles.formats import build_model, load_weights
 
 from deeplab_cli.batch.ray_engine import LOST, RayOptions, RayRun
 from deeplab_cli.batch.ray_stages import NetworkStage, crf_and_write, decode_rows
-from test_batch import FAST, mask_name, read_report, resized, run, tree  # noqa: F401 - tree is a fixture
+from helpers import FAST, mask_name, read_report, resized
+from helpers import batch_cli as run
 
 try:
     import ray
