@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .cpu import cpu_name
-from .crf import BACKENDS, CRFParams, dense_crf, resolve_backend
+from .crf import AUTO_PRESET, BACKENDS, CRFParams, crf_params, dense_crf, resolve_backend
 from .errors import UsageError
 from .io import decode_image, decode_photo, encode_mask_png, is_image_path, read_bytes
 from .model import ARCHS, DeepLab
@@ -65,7 +65,8 @@ class BenchmarkOptions:
     pad_to: int | None = None
     images: str | os.PathLike | None = None  # a folder of images to decode instead of generated ones
     max_side: int | None = DEFAULT_MAX_SIDE  # decoded --images larger than this are brought to it, as segment does
-    crf: CRFParams = field(default_factory=CRFParams)
+    crf_preset: str = AUTO_PRESET  # a key of crf.PRESETS, or auto: the weights' (else the architecture's) preset
+    crf_overrides: dict[str, float | int | None] = field(default_factory=dict)  # CRFParams fields (None: preset's)
     use_crf: bool = True
     crf_backend: str = "auto"
     fps: bool = True  # time the pipeline stage by stage
@@ -86,11 +87,15 @@ class BenchmarkOptions:
             raise UsageError(f"unknown CRF backend {self.crf_backend!r}; choose one of: {', '.join(BACKENDS)}")
         if not (self.fps or self.compare):
             raise UsageError("nothing to do: ask for --fps and/or --compare")
+        self.crf_params()  # fails now rather than after loading the model
+        return self
+
+    def crf_params(self, model_preset: str = "largefov") -> CRFParams:
+        """The CRF parameters to time, for a model whose own preset is model_preset; UsageError if unusable."""
         try:
-            self.crf.validate()
+            return crf_params(self.crf_preset, model_preset, **self.crf_overrides)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        return self
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -313,16 +318,18 @@ def default_weights_path() -> Path | None:
     return path if path.is_file() else None
 
 
-def load_model(opts: BenchmarkOptions) -> tuple[DeepLab, str | None]:
-    """The model to time: --weights, else the default weights if found, else random weights → (model, weights path)."""
+def load_model(opts: BenchmarkOptions) -> tuple[DeepLab, str | None, str]:
+    """The model to time: --weights, else the default weights if found, else random weights of --arch
+    → (model, weights path or None, the model's CRF preset)."""
     path = resolve_weights(opts.weights) if opts.weights is not None else default_weights_path()
     if path is not None:
         weights = load_weights(path, arch=opts.arch)
         if opts.classes_file is not None:
             load_class_names(opts.classes_file, weights.num_classes)  # checks the count
-        return build_model(weights), str(weights.path)
+        return build_model(weights), str(weights.path), weights.crf_preset
     num_classes = len(load_class_names(opts.classes_file)) if opts.classes_file is not None else 21
-    return random_model(opts.arch or "largefov", num_classes, opts.seed), None
+    arch = ARCHS[opts.arch or "largefov"]
+    return random_model(arch.name, num_classes, opts.seed), None, arch.crf_preset
 
 
 def make_segmenter(model: DeepLab, device: torch.device, precision: str | None, channels_last: bool,
@@ -331,7 +338,7 @@ def make_segmenter(model: DeepLab, device: torch.device, precision: str | None, 
     """A Segmenter over the shared model, its memory format reset first (channels_last converts it in place)."""
     model.to(memory_format=torch.contiguous_format)
     return Segmenter(model, device=device, precision=precision, pad_to=opts.pad_to, crf=crf,
-                     crf_backend=crf_backend, channels_last=channels_last, packed=packed,
+                     crf_backend=crf_backend, channels_last=channels_last, max_side=opts.max_side, packed=packed,
                      runtime=runtime or opts.runtime)
 
 
@@ -347,7 +354,7 @@ def device_name(device: torch.device) -> str:
 
 
 def environment(opts: BenchmarkOptions, device: torch.device, seg: Segmenter, weights: str | None,
-                source: ImageSource, crf_backend: str | None) -> dict[str, Any]:
+                source: ImageSource, crf_backend: str | None, crf: CRFParams, crf_preset: str) -> dict[str, Any]:
     """What the figures depend on: device, software, threads, precision, sizes, images, CRF settings."""
     env: dict[str, Any] = {
         "device": str(device),
@@ -375,7 +382,8 @@ def environment(opts: BenchmarkOptions, device: torch.device, seg: Segmenter, we
         "images": source.origin,
         "image_count": len(source.files),
         "crf_backend": crf_backend,
-        "crf": opts.crf.as_dict() if crf_backend else None,
+        "crf": crf.as_dict() if crf_backend else None,
+        "crf_preset": crf_preset if crf_backend else None,
     }
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
@@ -527,7 +535,9 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
     device = select_device(opts.device)
     check_precision(opts.precision, device.type)
     source = image_source(opts)
-    model, weights = load_model(opts)
+    model, weights, model_preset = load_model(opts)
+    crf = opts.crf_params(model_preset)
+    crf_preset = model_preset if opts.crf_preset == AUTO_PRESET else opts.crf_preset
     if weights is None:
         log(f"using randomly initialised weights of the real {model.arch.name} architecture "
             "(speed does not depend on weight values; argmax agreement does: use --weights for figures that hold)")
@@ -536,8 +546,9 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
     if note:
         log(note)
     seg = make_segmenter(model, device, opts.precision, opts.channels_last, opts,
-                         crf=opts.crf if opts.use_crf else None, crf_backend=crf_backend or "pydensecrf")
-    report: dict[str, Any] = {"environment": environment(opts, device, seg, weights, source, crf_backend)}
+                         crf=crf if opts.use_crf else None, crf_backend=crf_backend or "pydensecrf")
+    report: dict[str, Any] = {"environment": environment(opts, device, seg, weights, source, crf_backend, crf,
+                                                         crf_preset)}
     load = report["environment"]["load_average"]
     if load and load[0] > 0.5 * (os.cpu_count() or 1):
         log(f"warning: the machine is busy (load average {load[0]:.2f} on {os.cpu_count()} cores); timings may be inflated")
@@ -586,5 +597,5 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
         with torch.inference_mode():
             probe = make_segmenter(model, device, opts.precision, False, opts)
             probs = probs_of(probe, probe.scores(probe.prepare(images[:1], input_size)), [images[0].shape[:2]])[0]
-        report["crf_compare"] = compare_crf(images[0], probs, opts.crf, device, opts, clock, status, log)
+        report["crf_compare"] = compare_crf(images[0], probs, crf, device, opts, clock, status, log)
     return report

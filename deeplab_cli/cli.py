@@ -16,9 +16,10 @@ import click
 from . import __version__
 from .archs import ARCHS
 from .cpu import cpu_has_bf16
-from .crf import BACKENDS, PRESETS
+from .crf import AUTO_PRESET, BACKENDS, PRESETS
 from .errors import DeeplabError, UsageError
-from .precision import BF16_NOTE, PRECISIONS, RUNTIMES, faster_precision_note
+from .options import crf_overrides, crf_params_from, ray_engine_from, segmenter_from
+from .precision import BF16_NOTE, PRECISIONS, RUNTIMES
 from .resolution import DEFAULT_MAX_SIDE
 
 
@@ -123,8 +124,9 @@ legend_option = click.option("--legend/--no-legend", default=True, show_default=
 
 crf_options = _stack(
     click.option("--no-crf", is_flag=True, help="Skip the CRF (argmax of the network's probabilities)."),
-    click.option("--crf-preset", type=click.Choice(list(PRESETS)), default="largefov", show_default=True,
-                 help="CRF parameters cross-validated for a model (the paper's per-model values)."),
+    click.option("--crf-preset", type=click.Choice([AUTO_PRESET, *PRESETS]), default=AUTO_PRESET, show_default=True,
+                 help="CRF parameters cross-validated for a model (the paper's per-model values); auto: the one "
+                 "recorded with the weights, else their architecture's (largefov without a model)."),
     click.option("--crf-iterations", type=click.IntRange(min=0), default=None, help="Mean-field iterations [10]."),
     click.option("--bi-w", type=float, default=None, help="Bilateral kernel weight w1 [preset]."),
     click.option("--bi-xy", type=float, default=None, help="Bilateral σα, pixels [preset]."),
@@ -148,50 +150,11 @@ pipeline_options = _stack(
 )
 
 
-def crf_params_from(opts: dict[str, Any]):
-    """CRFParams from the shared CRF options, or None with --no-crf."""
-    if opts.get("no_crf"):
-        return None
-    params = PRESETS[opts["crf_preset"]].with_overrides(
-        iterations=opts.get("crf_iterations"), bi_w=opts.get("bi_w"), bi_xy=opts.get("bi_xy"),
-        bi_rgb=opts.get("bi_rgb"), pos_w=opts.get("pos_w"), pos_xy=opts.get("pos_xy"),
-    )
-    try:
-        return params.validate()
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def segmenter_from(opts: dict[str, Any], log: bool = True, in_pool: bool = False):
-    """Build the Segmenter that the shared model and CRF options describe, saying on stderr what it uses.
-
-    in_pool: the CRF will run in worker processes (batch, evaluate), which decides what 'auto' picks on the CPU.
-    """
-    from .crf import resolve_backend
-    from .palette import load_class_names
-    from .pipeline import Segmenter, select_device
-    from .console import DownloadProgress, stderr_console
-    from .weightfiles.fetch import resolve_or_fetch
-    from .weightfiles.formats import load_weights
-
-    with DownloadProgress(stderr_console()) as progress:  # shown only when the first run downloads the model
-        path = resolve_or_fetch(opts.get("weights"), offline=opts.get("offline", False), progress=progress)
-    weights = load_weights(path, arch=opts.get("arch"))
-    names = load_class_names(opts.get("classes_file"), weights.num_classes) if opts.get("classes_file") else None
-    device = select_device(opts.get("device", "auto"))
-    seg = Segmenter.from_weights(
-        weights, device=device, precision=opts.get("precision"), pad_to=opts.get("pad_to"), crf=crf_params_from(opts),
-        crf_backend=resolve_backend(opts.get("crf_backend", "auto"), str(device), in_pool), class_names=names,
-        max_side=opts.get("max_side", DEFAULT_MAX_SIDE), runtime=opts.get("runtime", "auto"),
-    )
-    if log:
-        crf = f"CRF {seg.crf_backend}" if seg.crf else "no CRF"
-        side = f"max side {seg.max_side}" if seg.max_side else "full resolution"
-        note = faster_precision_note(seg.device.type, seg.precision)
-        runtime = f" on {seg.runtime}" if seg.runtime != "torch" else ""
-        click.echo(f"deeplab: {weights.path} ({weights.arch}, {weights.num_classes} classes) on {seg.device} "
-                   f"{seg.precision}{runtime}, {crf}, {side}" + (f" ({note})" if note else ""), err=True)
-    return seg
+video_options = _stack(  # which frames of a video are segmented (video.FrameSelection.parse; keys every, start, end)
+    click.option("--every", type=click.IntRange(min=1), default=1, metavar="N", help="Videos: every Nth frame [1]."),
+    click.option("--start", metavar="TIME", help="Videos: first frame, a time (10s, 1m, 1:02.5) or a frame number (250f)."),
+    click.option("--end", metavar="TIME", help="Videos: stop before this time or frame number (exclusive)."),
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,17 +162,36 @@ def segmenter_from(opts: dict[str, Any], log: bool = True, in_pool: bool = False
 
 
 @main.command()
-@click.argument("image", metavar="IMAGE")
-@click.option("-o", "--output", required=True, metavar="OUT.png", help="Palette PNG mask ('-' for stdout).")
+@click.argument("image", metavar="IMAGE|VIDEO")
+@click.option("-o", "--output", required=True, metavar="OUT.png|DIR|OUT.mkv", help="Palette PNG mask ('-': stdout).")
 @click.option("--overlay", metavar="PATH", default=None, help="Also write the image blended with the colour mask.")
 @click.option("--save-probs", metavar="PATH.npy", default=None,
               help="Also save (C, h, w) float32 softmax probabilities before the CRF, at the working resolution "
                    "(the photo's size up to --max-side; the array's shape gives it).")
+@click.option("--overwrite", is_flag=True, help="Videos: redo frames whose masks exist in -o DIR (default: resume).")
 @legend_option
+@video_options
 @model_options
 @crf_options
-def segment(image: str, output: str, overlay: str | None, save_probs: str | None, legend: bool, **opts: Any) -> None:
-    """Segment one IMAGE ('-' for stdin) into a VOC-coloured palette PNG mask."""
+@pipeline_options
+def segment(image: str, output: str, overlay: str | None, save_probs: str | None, overwrite: bool, legend: bool,
+            batch_size: int | None, crf_workers: int | None, net_threads: int | None, **opts: Any) -> None:
+    """Segment one IMAGE ('-' for stdin) into a VOC-coloured palette PNG mask, or every frame of a VIDEO.
+
+    A VIDEO (.mp4 .mov .avi .mkv .webm …; audio is not carried) streams through `deeplab batch`'s pipeline, frames
+    at --max-side like photos: -o DIR gets NNN.png masks (a rerun resumes at the first missing one), -o OUT.mkv
+    (.avi, .mov) a lossless label video; --overlay an .mp4/.mov/.mkv/.avi video at the source rate ÷ --every, or
+    a folder of NNN.jpg. Ctrl-C finishes the frames in flight and leaves a playable overlay video (exit code 130).
+    """
+    from .video import FrameSelection, is_video_path
+
+    if is_video_path(image) and image != "-":
+        from .console import segment_video_file
+
+        selection = FrameSelection.parse(opts["start"], opts["end"], opts["every"])
+        sys.exit(segment_video_file(image, output, overlay, save_probs, overwrite, selection, legend,
+                                    lambda: segmenter_from(opts, in_pool=True), batch_size=batch_size,
+                                    crf_workers=crf_workers, net_threads=net_threads))
     from .io import overlay_image, read_photo, same_file, write_image, write_mask, write_probs
 
     for out in (output, overlay, save_probs):
@@ -237,7 +219,7 @@ def segment(image: str, output: str, overlay: str | None, save_probs: str | None
 
 
 @main.command()
-@click.argument("inputs", nargs=-1, metavar="[FOLDER|GLOB|IMAGE]...")
+@click.argument("inputs", nargs=-1, metavar="[FOLDER|GLOB|IMAGE|VIDEO]...")
 @click.option("-o", "--output", default=None, metavar="DIR",
               help="Output folder; the input tree is mirrored in it. Default for a single input FOLDER: FOLDER_masks "
                    "beside it (required with several inputs, globs, images or --from-list).")
@@ -250,23 +232,30 @@ def segment(image: str, output: str, overlay: str | None, save_probs: str | None
 @click.option("--save-probs", is_flag=True,
               help="Also write NAME.probs.npy: (C, h, w) float32 probabilities before the CRF, at the working resolution.")
 @click.option("--report", metavar="FILE.jsonl", default=None,
-              help="Write one JSON line per input: path, output, status, error, timings.")
+              help="Write one JSON line per input: path, output, status, error, timings (videos: frames).")
 @click.option("--no-progress", is_flag=True, help="No live progress bar (the summary is still printed).")
+@video_options
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this machine's streaming pipeline. ray: Ray Data on $RAY_ADDRESS's cluster (else a private "
+                   "local Ray); inputs and -o may then be s3:// or gs:// URLs. Needs pip install 'deeplab-cli[ray]'.")
 @model_options
 @crf_options
 @pipeline_options
 def batch(inputs: tuple[str, ...], output: str | None, from_list: str | None, recursive: bool, overwrite: bool, overlay: bool,
           legend: bool, save_probs: bool, report: str | None, batch_size: int | None, crf_workers: int | None,
-          net_threads: int | None, no_progress: bool, **opts: Any) -> None:
-    """Segment every image in folders, globs or a list into masks mirroring the tree under -o.
+          net_threads: int | None, no_progress: bool, engine: str, **opts: Any) -> None:
+    """Segment every image and video in folders, globs or a list into masks mirroring the tree under -o.
 
-    Resumable: outputs already complete are skipped. Exit code 0 when all succeeded, 1 when any image
-    failed (listed in the summary and --report), 130 when interrupted (Ctrl-C finishes the images in flight).
+    A video NAME.mp4 gives NAME/ of frame masks (000123.png; audio is not carried), with --overlay NAME.overlay.mp4.
+    Resumable: complete outputs are skipped, a video resumes at its first missing frame. Exit code 0 when all
+    succeeded, 1 when any image or video failed (listed in the summary and --report), 130 when interrupted
+    (Ctrl-C finishes the images in flight).
     """
-    from .batch import (
-        check_output_dir, default_output_dir, discover_inputs, exit_on_next_interrupt, plan_jobs, segment_tree,
-    )
-    from .console import BatchProgress, on_interrupt, print_summary, say, stderr_console
+    from .batch import check_output_dir, default_output_dir, discover_inputs, exit_on_next_interrupt, segment_tree
+    from .batch.remote_inputs import discover_urls, plan_url_jobs
+    from .console import BatchProgress, describe_video, on_interrupt, print_summary, say, stderr_console
+    from .storage import is_url
+    from .video import FrameSelection
 
     if not inputs and from_list is None:
         raise UsageError("give input folders, globs or images, or --from-list FILE")
@@ -276,17 +265,25 @@ def batch(inputs: tuple[str, ...], output: str | None, from_list: str | None, re
         output = str(default_output_dir(inputs, from_list))
         say(console, f"writing to {output} (no -o given)")
     check_output_dir(output, inputs)
-    found = discover_inputs(inputs, recursive=recursive, from_list=from_list, exclude=output,
-                            warn=lambda message: say(console, message))
-    jobs = plan_jobs(found, output, overlay=overlay, save_probs=save_probs, legend=legend)
+    urls = [source for source in inputs if is_url(source)]
+    if engine != "ray" and (urls or is_url(output)):
+        raise UsageError("inputs or outputs named by URL (s3://, gs://, ...) need --engine ray")
+    local = [source for source in inputs if not is_url(source)]
+    found = discover_inputs(local, recursive=recursive, from_list=from_list, exclude=output, videos=True,
+                            warn=lambda message: say(console, message)) if local or from_list is not None else []
+    found += discover_urls(urls, recursive=recursive)
+    jobs = plan_url_jobs(found, output, overlay=overlay, save_probs=save_probs, legend=legend,
+                         selection=FrameSelection.parse(opts["start"], opts["end"], opts["every"]))
     if not jobs:
-        say(console, "no images found")
+        say(console, "no images or videos found")
+    pipeline = dict(batch_size=batch_size, crf_workers=crf_workers, net_threads=net_threads)
     try:
         with BatchProgress(console, enabled=not no_progress) as progress:
             summary = segment_tree(
                 jobs, lambda: segmenter_from(opts, in_pool=True), overwrite=overwrite, report=report,
-                on_start=progress.on_start, on_result=progress.on_result, on_interrupt=on_interrupt(console),
-                batch_size=batch_size, crf_workers=crf_workers, net_threads=net_threads,
+                on_start=progress.on_start, on_result=progress.on_result, on_video=progress.on_video,
+                on_video_result=lambda result, _: say(console, describe_video(result)), on_interrupt=on_interrupt(console),
+                engine=ray_engine_from(opts, **pipeline) if engine == "ray" else None, **pipeline,
             )
     finally:
         exit_on_next_interrupt(130)  # the run is over (or aborted): another Ctrl-C just ends the process
@@ -534,29 +531,32 @@ def export_command(fmt: str, output: str, weights: str | None, offline: bool, ar
 @click.option("--variants/--no-variants", default=True, show_default=True,
               help="Also time every precision / memory format / installed runtime of the device and its argmax "
                    "agreement with fp32; on the CPU, record which runtime `--runtime auto` then uses here.")
+@click.option("--video", metavar="CLIP", default=None, help="Instead: decode and end-to-end frames/s of a video.")
+@click.option("--frames", type=click.IntRange(min=1), default=30, show_default=True, help="With --video: frames timed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object on stdout (keys: README).")
 @model_options
 @crf_options
 def benchmark(fps: bool, compare: bool, size: str, batch_size: int, iters: int, warmup: int, images_dir: str | None,
-              channels_last: bool, variants: bool, as_json: bool, **opts: Any) -> None:
+              channels_last: bool, variants: bool, video: str | None, frames: int, as_json: bool, **opts: Any) -> None:
     """Measure the speed of every pipeline stage on this machine (random weights unless --weights)."""
     import json
 
     from .benchmark import BenchmarkOptions, parse_size, run_benchmark
-    from .console import render_benchmark, say, stderr_console
+    from .benchmark_video import run_video_benchmark
+    from .console import render_benchmark, render_video_benchmark, say, stderr_console
 
-    crf = crf_params_from({**opts, "no_crf": False})  # --compare times the CRF even with --no-crf
-    options = BenchmarkOptions(
+    options = BenchmarkOptions(  # --compare times the CRF even with --no-crf
         size=parse_size(size), batch_size=batch_size, iters=iters, warmup=warmup, device=opts["device"],
         precision=opts["precision"], channels_last=channels_last, runtime=opts["runtime"], arch=opts["arch"],
-        weights=opts["weights"],
-        classes_file=opts["classes_file"], pad_to=opts["pad_to"], images=images_dir, max_side=opts["max_side"], crf=crf,
+        weights=opts["weights"], classes_file=opts["classes_file"], pad_to=opts["pad_to"], images=images_dir,
+        max_side=opts["max_side"], crf_preset=opts["crf_preset"], crf_overrides=crf_overrides(opts),
         use_crf=not opts["no_crf"], crf_backend=opts["crf_backend"], fps=fps or not compare, variants=variants,
         compare=compare,
     )
     console = stderr_console()
-    report = run_benchmark(options, log=lambda message: say(console, message))
-    render_benchmark(report, console)
+    log = lambda message: say(console, message)  # noqa: E731
+    report = run_video_benchmark(options, video, frames, log, batch_size=batch_size) if video else run_benchmark(options, log)
+    (render_video_benchmark if video else render_benchmark)(report, console)
     if as_json:
         click.echo(json.dumps(report))
 

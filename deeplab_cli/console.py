@@ -31,12 +31,13 @@ from .evaluate import Evaluation, evaluate
 from .stages import BATCH_STAGES
 
 if TYPE_CHECKING:
-    from .batch import BatchSummary, ImageResult
+    from .batch import BatchSummary, ImageResult, VideoJob, VideoResult
     from .evaluate import Dataset
     from .pipeline import Segmenter
     from .refine import FolderPlan
+    from .video import FrameSelection
 
-INTERRUPTED = "[yellow]interrupted: finishing the images in flight (Ctrl-C again to abort)[/]"
+INTERRUPTED = "[yellow]interrupted: finishing the {} in flight (Ctrl-C again to abort)[/]"
 
 
 def stderr_console() -> Console:
@@ -54,9 +55,9 @@ def say(console: Console, message: str) -> None:
     console.print(f"deeplab: {message}", markup=False, highlight=False)
 
 
-def on_interrupt(console: Console) -> Callable[[], None]:
-    """The engine's on_interrupt callback: say that a first Ctrl-C finishes the images in flight."""
-    return lambda: console.print(INTERRUPTED)
+def on_interrupt(console: Console, what: str = "images") -> Callable[[], None]:
+    """The engine's on_interrupt callback: say that a first Ctrl-C finishes the images (frames) in flight."""
+    return lambda: console.print(INTERRUPTED.format(what))
 
 
 class _Bar:
@@ -78,19 +79,24 @@ class _Bar:
 
 
 class BatchProgress(_Bar):
-    """segment_tree's callbacks as a live bar: done/total, images/s, ETA, failures (on_start, on_result)."""
+    """segment_tree's callbacks as live bars: images done/total, images/s, ETA, failures (on_start, on_result);
+    then one bar per video in frames (on_video, also what `deeplab segment VIDEO` shows)."""
 
     def __init__(self, console: Console, enabled: bool = True) -> None:
         super().__init__()
         self.console, self.enabled = console, enabled
 
+    def _started(self) -> Progress:
+        if self.progress is None:
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
+                       TextColumn("{task.fields[failures]}"))
+            self.progress = Progress(*columns, console=self.console, disable=not self.enabled, transient=False)
+            self.progress.start()
+        return self.progress
+
     def on_start(self, total: int) -> None:
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
-                   TextColumn("{task.fields[failures]}"))
-        self.progress = Progress(*columns, console=self.console, disable=not self.enabled, transient=False)
-        self.progress.start()
-        self.task = self.progress.add_task("segmenting", total=total, rate="", failures="")
+        self.task = self._started().add_task("segmenting", total=total, rate="", failures="")
         self.t0 = time.perf_counter()
         self.count = 0
 
@@ -101,27 +107,92 @@ class BatchProgress(_Bar):
                              failures=f"[red]{len(summary.failed)} failed[/]" if summary.failed else "")
 
 
+    def on_video(self, job: VideoJob) -> Callable[[VideoResult], None]:
+        """A bar for one video: the progress callback of batch.segment_video (frames, frames/s, ETA)."""
+        progress = self._started()
+        task = progress.add_task(f"{job.path.name} (frames)", total=None, rate="", failures="")
+        started: list[float] = []
+
+        def update(result: VideoResult) -> None:
+            if not started:  # frames already done count as completed from the start, not in the speed
+                started.append(time.perf_counter())
+                progress.reset(task, total=result.total, completed=result.skipped)
+                return
+            elapsed = time.perf_counter() - started[0]
+            segmented = result.done + result.failed
+            progress.update(task, total=result.total, completed=segmented + result.skipped,
+                            rate=f"{segmented / elapsed:.2f} frames/s" if elapsed > 0 and segmented else "",
+                            failures=f"[red]{result.failed} failed[/]" if result.failed else "")
+
+        return update
+
+
+def segment_video_file(source: str, output: str, overlay: str | None, save_probs: str | None, overwrite: bool,
+                       selection: FrameSelection, legend: bool, segmenter: Callable[[], Segmenter],
+                       **pipeline: Any) -> int:
+    """`deeplab segment VIDEO`: plan (fail fast, before the model loads), batch.segment_video with a bar in frames,
+    its closing line; returns the exit code (130 interrupted, 1 failed, 0). pipeline: run_batch's options."""
+    from .batch import exit_on_next_interrupt, segment_video
+    from .batch.videos import plan_video
+
+    job, info = plan_video(source, output, overlay, save_probs, legend, selection)
+    console = stderr_console()
+    try:
+        with BatchProgress(console) as bar:
+            result = segment_video(segmenter, job, overwrite, info, bar.on_video(job),
+                                   on_interrupt=on_interrupt(console, "frames"), **pipeline)
+    finally:
+        exit_on_next_interrupt(130)  # the run is over (or aborted): another Ctrl-C just ends the process
+    say(console, describe_video(result))
+    return 130 if result.interrupted else 0 if result.ok else 1
+
+
+def describe_video(result: VideoResult) -> str:
+    """One line for people: frames segmented / failed / already done, seconds, frames/s, where, the error."""
+    if result.info is None:
+        return f"{result.job.path}: {result.error}"
+    if result.status == "skipped":
+        return f"{result.job.path}: all {result.total} frames already done"
+    where = ", ".join(str(p) for p in result.job.outputs.paths())
+    total = "?" if result.total is None else str(result.total)
+    segmented = result.done + result.failed
+    rate = f", {segmented / result.wall:.2f} frames/s" if result.wall > 0 and segmented else ""
+    text = (f"{result.job.path}: {result.done} of {total} frames segmented, {result.failed} failed, "
+            f"{result.skipped} already done ({result.wall:.1f} s{rate}) → {where}")
+    return text + (f"; error: {result.error}" if result.error else "")
+
+
 def print_summary(summary: BatchSummary, console: Console | None = None, max_failures: int = 20) -> None:
-    """The summary on stderr: images done / skipped / failed, seconds per stage, wall time, rate, failures."""
+    """The summary on stderr: images (and videos, frames) done / skipped / failed, seconds per stage, wall time,
+    rate, failures."""
     console = console or stderr_console()
     table = Table(title="deeplab batch", title_justify="left", header_style="bold")
     table.add_column("")
-    table.add_column("images / seconds", justify="right")
+    table.add_column("count / seconds", justify="right")
     table.add_column("seconds per image", justify="right")
+    videos, frames = sum(summary.videos.values()), summary.frames
     table.add_row("done", str(summary.done), "")
     table.add_row("skipped", str(summary.skipped), "")
-    table.add_row("failed", str(len(summary.failed)), "", style="red" if summary.failed else None)
+    failed_images = len(summary.failed) - summary.videos["failed"]
+    table.add_row("failed", str(failed_images), "", style="red" if failed_images else None)
+    if videos:
+        table.add_section()
+        table.add_row("videos done / skipped", f"{summary.videos['done']} / {summary.videos['skipped']}", "")
+        table.add_row("videos failed", str(summary.videos["failed"]), "", style="red" if summary.videos["failed"] else None)
+        table.add_row("frames segmented / failed", f"{frames['done']} / {frames['failed']}", "",
+                      style="red" if frames["failed"] else None)
+        table.add_row("frames already done", str(frames["skipped"]), "")
     if summary.interrupted:
-        started = summary.done + len(summary.failed) + summary.skipped
-        table.add_row("not started (interrupted)", str(summary.total - started), "", style="yellow")
+        table.add_row("not started (interrupted)", str(summary.total - summary.started), "", style="yellow")
     table.add_section()
-    n = summary.done or None
+    n = summary.done + frames["done"] or None  # images and frames segmented
     for stage in BATCH_STAGES:
         seconds = summary.stage_seconds.get(stage, 0.0)
         table.add_row(f"{stage} (sum over images)", f"{seconds:.2f}", f"{seconds / n:.3f}" if n else "")
     table.add_section()
     table.add_row("wall", f"{summary.wall:.2f}", f"{summary.wall / n:.3f}" if n else "")
-    table.add_row("images/s", f"{summary.done / summary.wall:.2f}" if n and summary.wall > 0 else "-", "")
+    table.add_row("images/s" + (" (frames included)" if videos else ""),
+                  f"{n / summary.wall:.2f}" if n and summary.wall > 0 else "-", "")
     console.print(table)
     for path, reason in summary.failed[:max_failures]:
         console.print(Text(f"failed: {path}: {reason}", style="red"), soft_wrap=True)
@@ -229,14 +300,14 @@ class DownloadProgress(_Bar):
 
 
 def models_table(rows: list[dict], cache: Path) -> Table:
-    """`deeplab weights list`: name, arch, status and sha256 (published or recorded) of each model."""
+    """`deeplab weights list`: name, arch, CRF preset, status and sha256 (published or recorded) of each model."""
     table = Table(title=f"cache: {cache}", title_justify="left")
-    for col in ("name", "arch", "status", "sha256"):
+    for col in ("name", "arch", "CRF preset", "status", "sha256"):
         table.add_column(col, no_wrap=col != "status")
     for r in rows:
         sha = r["published_sha256"] or r["recorded_sha256"]
         sha = f"{sha[:16]}… ({'published' if r['published_sha256'] else 'recorded'})" if sha else "none published"
-        table.add_row(r["name"], r["arch"] or "-", r["status"], sha)
+        table.add_row(r["name"], r["arch"] or "-", r["crf_preset"] or "-", r["status"], sha)
     return table
 
 
@@ -268,7 +339,8 @@ def render_benchmark(report: dict[str, Any], console: Console) -> None:
         ("precision", variant_name(env)),
         ("size", f"{format_size(env['image_size'])} (network input {format_size(env['input_size'])}), batch {env['batch_size']}"),
         ("runs", f"{env['iters']} timed (medians, min/max) after {env['warmup']} warm-up; images: {env['images']}"),
-        ("CRF", f"{env['crf_backend']}, {env['crf']['iterations']} iterations" if env["crf_backend"] else "off"),
+        ("CRF", f"{env['crf_backend']}, preset {env['crf_preset']}, {env['crf']['iterations']} iterations"
+                if env["crf_backend"] else "off"),
     ]
     if env["device"].startswith("cuda"):
         rows.append(("CUDA", f"{env['cuda']}, cuDNN {env['cudnn']}, TF32 conv {env['tf32_conv']} / matmul {env['tf32_matmul']}"))
@@ -327,3 +399,30 @@ def render_benchmark(report: dict[str, Any], console: Console) -> None:
         console.print(table)
         if len(cmp["available"]) < 2:
             console.print(f"only {', '.join(cmp['available']) or 'no backend'} available: nothing to compare side by side")
+
+
+def render_video_benchmark(report: dict[str, Any], console: Console) -> None:
+    """Print `deeplab benchmark --video`'s report (benchmark_video.run_video_benchmark) on a console (stderr)."""
+    env, video = report["environment"], report["video"]
+    load = env.get("load_average")
+    console.print(f"deeplab benchmark --video: {env['device']} ({env['device_name']}), {env['cpu_count']} CPUs"
+                  + (f", load {load[0]:.2f}" if load else "") + f"; {env['arch']}, "
+                  + ("random weights" if env["random_weights"] else str(env["weights"])) + f", {env['precision']}",
+                  markup=False, highlight=False)
+    width, height = video["size"]
+    console.print(f"{video['path']}: {width}×{height} ({video['codec']}, {video['fps']:g} fps), network and CRF at "
+                  f"{video['working_size'][0]}×{video['working_size'][1]}; {video['frames_timed']} frames timed",
+                  markup=False, highlight=False)
+    table = Table(title="frames/s and ms per frame (stages summed over threads and processes)")
+    table.add_column("run", no_wrap=True)
+    table.add_column("frames/s", justify="right")
+    for stage in BATCH_STAGES:
+        table.add_column(stage, justify="right")
+    table.add_row("decode alone", f"{report['decode_fps']:.1f}", *[""] * len(BATCH_STAGES))
+    for name, run in report["end_to_end"].items():
+        label = f"end to end, {'with' if name == 'with_crf' else 'no'} CRF"
+        if run is None:
+            table.add_row(label, "-", *[""] * len(BATCH_STAGES))
+        else:
+            table.add_row(label, f"{run['fps']:.2f}", *(f"{run['ms_per_frame'][s]:.0f}" for s in BATCH_STAGES))
+    console.print(table)

@@ -47,13 +47,25 @@ class CRFParams:
         return asdict(self)
 
 
-# The paper cross-validates w1, σα, σβ per model (w2 = 3, σγ = 3 fixed); values quoted per model.
+# The paper cross-validates w1, σα, σβ per model (w2 = 3, σγ = 3 fixed); values quoted per model. Those of
+# the COCO-pretrained releases are quoted by one port only (unverified).
 PRESETS: dict[str, CRFParams] = {
     "largefov": CRFParams(bi_w=4, bi_xy=121, bi_rgb=5),
     "msc-largefov": CRFParams(bi_w=4, bi_xy=83, bi_rgb=5),
     "deeplab": CRFParams(bi_w=5, bi_xy=50, bi_rgb=10),
     "msc": CRFParams(bi_w=3, bi_xy=95, bi_rgb=3),
+    "coco-largefov": CRFParams(bi_w=5, bi_xy=69, bi_rgb=5),
+    "msc-coco-largefov": CRFParams(bi_w=4, bi_xy=59, bi_rgb=5),
 }
+AUTO_PRESET = "auto"  # the preset recorded with the weights, else their architecture's (archs.ArchConfig.crf_preset)
+
+
+def crf_params(preset: str = AUTO_PRESET, model_preset: str = "largefov", **overrides: float | int | None) -> CRFParams:
+    """A preset's parameters ('auto': model_preset's) with fields overridden (None keeps one); ValueError if unusable."""
+    name = model_preset if preset == AUTO_PRESET else preset
+    if name not in PRESETS:
+        raise ValueError(f"unknown CRF preset {name!r}; choose one of: {', '.join([AUTO_PRESET, *PRESETS])}")
+    return PRESETS[name].with_overrides(**overrides).validate()
 
 
 def check_inputs(image: np.ndarray, probs: np.ndarray) -> None:

@@ -80,11 +80,15 @@ def match_folders(
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+def atomic_path(path: str | os.PathLike, keep_suffix: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    keep_suffix: the temporary name ends with path's extension too (`.x.mkv.abc12345.part.mkv`), for writers
+    that choose the format by it (FFmpeg)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    suffix = ".part" + (path.suffix if keep_suffix else "")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -265,19 +269,29 @@ def overlay_image(image: np.ndarray, labels: np.ndarray, class_names: Sequence[s
     return out
 
 
-def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
-    """Write an (H, W, 3) uint8 RGB image; the format follows the extension (PNG for '-')."""
-    fmt = "PNG" if str(path) == STDIO else Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+def encode_image(image: np.ndarray, name: str | os.PathLike = ".png") -> bytes:
+    """(H, W, 3) uint8 RGB → encoded bytes in the format the name's extension says (PNG when unknown)."""
+    fmt = Image.registered_extensions().get(Path(name).suffix.lower(), "PNG")
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
-    write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write an (H, W, 3) uint8 RGB image; the format follows the extension (PNG for '-')."""
+    write_bytes(path, encode_image(image, ".png" if str(path) == STDIO else path))
+
+
+def encode_probs(probs: np.ndarray) -> bytes:
+    """Probabilities (C, H, W) → .npy bytes, float32."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(probs, dtype=np.float32))
+    return buf.getvalue()
 
 
 def write_probs(path: str | os.PathLike, probs: np.ndarray) -> None:
     """Save probabilities (C, H, W) float32 as .npy, atomically."""
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(probs, dtype=np.float32))
-    write_bytes(path, buf.getvalue())
+    write_bytes(path, encode_probs(probs))
 
 
 def read_probs(path: str | os.PathLike) -> np.ndarray:

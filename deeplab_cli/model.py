@@ -21,6 +21,23 @@ __all__ = ["ARCHS", "VGG16_WIDTHS", "ArchConfig", "DeepLab", "LAYER_ORDER", "che
            "get_arch", "infer_arch", "layer_order", "parameter_count"]
 
 
+class Sum(nn.Module):
+    """Caffe's Eltwise SUM: the element-wise sum of its inputs (the multi-scale class scores)."""
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        out = inputs[0]
+        for x in inputs[1:]:
+            out = out + x
+        return out
+
+
+class Crop(nn.Module):
+    """Caffe's Crop (axis 2, offset 0): the first input cut to the second's height and width."""
+
+    def forward(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        return x[..., : reference.shape[-2], : reference.shape[-1]]
+
+
 def _module(layer: Layer) -> nn.Module:
     if layer.kind == "conv":
         return nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel, layer.stride, layer.pad, layer.dilation)
@@ -35,6 +52,10 @@ def _module(layer: Layer) -> nn.Module:
         return nn.MaxPool2d(layer.kernel, layer.stride, layer.pad, ceil_mode=True)
     if layer.kind == "ave_pool":
         return nn.AvgPool2d(layer.kernel, layer.stride, layer.pad, ceil_mode=True, count_include_pad=True)
+    if layer.kind == "crop":
+        return Crop()
+    if layer.kind == "sum":
+        return Sum()
     raise ValueError(f"layer {layer.name!r}: unknown kind {layer.kind!r}")
 
 
@@ -98,6 +119,7 @@ def layer_order(arch: str | ArchConfig = "largefov") -> list[str]:
 
 
 LAYER_ORDER: list[str] = layer_order("largefov")  # conv1_1 … conv5_3, fc6, fc7, fc8 (every single-scale variant)
+MSC_LAYER_ORDER: list[str] = layer_order("msc-largefov")  # then {data, pool1 … pool4}_{conv, fc, ms}
 
 
 def expected_shapes(arch: str | ArchConfig, num_classes: int = 21) -> dict[str, tuple[int, ...]]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import cli
+from helpers import FAST, mask_name, read_report, resized
+from helpers import batch_cli as run
 from PIL import Image
 
 from deeplab_cli.batch import (
@@ -30,69 +29,6 @@ from deeplab_cli.batch import (
 from deeplab_cli.errors import UsageError
 from deeplab_cli.io import atomic_path
 from deeplab_cli.pipeline import Segmenter
-
-FAST = ("--device", "cpu", "--crf-workers", "1", "--net-threads", "1", "--crf-iterations", "3", "--no-progress")
-
-
-def run(*args: object, input: bytes | None = None):
-    return cli("batch", *args, input=input)
-
-
-def resized(photo: np.ndarray, width: int, height: int) -> Image.Image:
-    return Image.fromarray(photo).resize((width, height), Image.BILINEAR)
-
-
-@pytest.fixture()
-def tree(tmp_path: Path, photo: np.ndarray) -> tuple[Path, dict[str, tuple[int, int]], dict[str, str]]:
-    """A folder of good images (mixed sizes, formats, modes; nested; non-ASCII) and bad ones.
-
-    Returns the root, good relative paths → (width, height), bad relative paths → a word of their error.
-    """
-    root = tmp_path / "photos"
-    (root / "nested" / "deeper").mkdir(parents=True)
-    (root / "ünïcode café").mkdir()
-    good: dict[str, tuple[int, int]] = {}
-
-    def save(rel: str, image: Image.Image, **kw) -> None:
-        image.save(root / rel, **kw)
-        good[rel] = image.size
-
-    save("cat.jpg", resized(photo, 90, 60), quality=90)
-    save("cat.png", resized(photo, 64, 48))  # same stem as cat.jpg in one folder
-    save("nested/wide.bmp", resized(photo, 88, 41))
-    save("nested/deeper/tall.webp", resized(photo, 45, 77))
-    save("nested/deeper/tiff.tif", resized(photo, 50, 50))
-    save("ünïcode café/日本語 ñandú.jpg", resized(photo, 70, 55))
-    save("gray.png", resized(photo, 57, 43).convert("L"))
-    save("rgba.png", resized(photo, 61, 40).convert("RGBA"))
-    sixteen = (np.asarray(resized(photo, 52, 46).convert("L"), dtype=np.uint16) * 257)
-    save("nested/sixteen.png", Image.fromarray(sixteen))
-    assert Image.open(root / "nested/sixteen.png").mode.startswith("I;16")
-
-    buf = io.BytesIO()
-    resized(photo, 80, 60).save(buf, "JPEG")
-    (root / "nested/corrupt.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
-    (root / "empty.png").write_bytes(b"")
-    (root / "ünïcode café/text.jpg").write_text("this is not a JPEG\n")
-    bad = {"nested/corrupt.jpg": "cannot decode", "empty.png": "empty", "ünïcode café/text.jpg": "not an image"}
-    (root / "notes.txt").write_text("ignored: not an image by extension")
-    (root / ".hidden.jpg").write_bytes(buf.getvalue())  # hidden: ignored
-    return root, good, bad
-
-
-def mask_name(rel: str) -> str:
-    """Expected mask path for the tree: cat.jpg / cat.png share a stem, so they keep their whole names."""
-    p = Path(rel)
-    return str(p.with_name(p.name + ".png") if p.stem == "cat" else p.with_suffix(".png"))
-
-
-def read_report(path: Path) -> dict[str, dict]:
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = [json.loads(line) for line in lines]
-    by_path = {r["path"]: r for r in records}
-    assert len(by_path) == len(records)
-    return by_path
-
 
 def assert_masks(out: Path, good: dict[str, tuple[int, int]]) -> None:
     for rel, size in good.items():

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import cli, one_line_error
+from helpers import assert_same_scores, cli, one_line_error, opencv_caffe
 from PIL import Image
 
 from deeplab_cli.errors import DeeplabError
@@ -120,7 +120,7 @@ def test_missing_unknown_and_duplicate_layers_are_named(largefov_sd):
         ("fc7.weight", (1024, 1024, 3, 3), "does not fit the largefov architecture: "
          "fc7.weight is [1024, 1024, 3, 3], expected [1024, 1024, 1, 1]"),
         ("fc6.weight", (1024, 512, 5, 5), "fc6 is [1024, 512, 5, 5], which fits no known architecture "
-         "(largefov: [1024, 512, 3, 3]; deeplab: [4096, 512, 4, 4])"),
+         "(largefov: [1024, 512, 3, 3]; deeplab: [4096, 512, 4, 4]; 7x7: [4096, 512, 7, 7])"),
     ],
 )
 def test_mismatched_shapes_are_listed(tmp_path, largefov_sd, key, shape, message):
@@ -222,21 +222,15 @@ def test_scores_equal_opencv_caffe(converted, photo, arch, height, width, pad):
     prototxt = root / f"{arch}_{size[0]}x{size[1]}.prototxt"
     prototxt.write_text(deploy_prototxt(arch, 21, *size))
 
-    net = cv2.dnn.readNetFromCaffe(str(prototxt), str(caffemodel))
-    net.setInput(x.numpy())
-    cv_fc8, cv_interp = (torch.from_numpy(a) for a in net.forward(["fc8_voc12", "fc8_interp"]))
+    cv_fc8, cv_interp = opencv_caffe(prototxt, caffemodel, x, ["fc8_voc12", "fc8_interp"])
     with torch.no_grad():
         ours = model(x)
 
-    assert ours.shape == cv_fc8.shape
-    assert ((ours - cv_fc8).abs().max() / cv_fc8.abs().max()).item() <= 1e-4
-    assert torch.equal(ours.argmax(1), cv_fc8.argmax(1))
+    assert_same_scores(ours, cv_fc8)
     # Caffe's ×8 Interp (corners aligned); the original DeepLab then drops 7 pixels at the start.
     up = upsample_scores(ours, arch)
     offset = {"largefov": 0, "deeplab": 7}[arch]
-    cv_up = cv_interp[..., offset:, offset:]
-    assert up.shape == cv_up.shape
-    assert ((up - cv_up).abs().max() / cv_up.abs().max()).item() <= 1e-4
+    assert_same_scores(up, cv_interp[..., offset:, offset:], argmax=False)
 
 
 def test_convert_once_then_segment_gives_caffes_probabilities(converted, photo_file, tmp_path, monkeypatch):

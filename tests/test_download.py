@@ -317,7 +317,6 @@ def test_readme_first_command_runs(tmp_path, isolated_cache):
     """README's first command, minus `pip install`, with the default model already in the cache."""
     import shutil
     import subprocess
-    import sys
 
     from deeplab_cli.weightfiles.formats import save_weights
 

@@ -18,7 +18,8 @@ DATA = Path(__file__).parent / "data"
 PROTOTXT = {"largefov": DATA / "DeepLab-LargeFOV_test.prototxt", "deeplab": DATA / "DeepLab_basic_test.prototxt"}
 
 
-@pytest.mark.parametrize("arch, count", [("largefov", 20_505_429), ("deeplab", 65_140_565)])
+@pytest.mark.parametrize("arch, count", [("largefov", 20_505_429), ("deeplab", 65_140_565), ("msc-largefov", 21_711_550),
+                                         ("msc", 66_346_686), ("7x7", 134_346_581)])
 def test_parameter_count(arch: str, count: int) -> None:
     with torch.device("meta"):
         assert parameter_count(DeepLab(arch, 21)) == count
@@ -45,11 +46,15 @@ def _caffe_pool_out(n: int, k: int, s: int, p: int) -> int:
 def test_output_size_follows_caffe_arithmetic(arch: str, size: tuple[int, int]) -> None:
     cfg = ARCHS[arch]
     expected = []
-    for n in size:
+    for side in size:
+        n = side
         for k, s, p in cfg.pools:
             n = _caffe_pool_out(n, k, s, p)
         k, d, p, _ = cfg.fc6
-        expected.append(n + 2 * p - d * (k - 1))
+        n = n + 2 * p - d * (k - 1)
+        if cfg.msc:  # every score map is cropped to the image branch's: 3×3 conv, stride 8, pad 1 (rounding down)
+            n = min(n, (side + 2 - 3) // 8 + 1)
+        expected.append(n)
     with torch.device("meta"):
         out = DeepLab(arch, 21)(torch.empty(1, 3, *size))
     assert tuple(out.shape) == (1, 21, *expected)

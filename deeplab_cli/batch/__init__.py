@@ -4,7 +4,10 @@ dataset through the same engine). One module per job:
 - `inputs`: discovery of images (folders, globs, lists), output names, resumability checks (pure);
 - `engine`: the streaming pipeline (`run_batch`, `BatchRun`, `ImageResult`);
 - `crf_pool`: the CRF executor (worker processes or one thread), shared with folder `refine`;
-- `tree`: what the command does with a planned tree: skip, stream, report, summarise (`segment_tree`).
+- `videos`: a video's frames through the engine, label/overlay videos in frame order, resume (`segment_video`);
+- `tree`: what the command does with a planned tree: skip, stream, report, summarise (`segment_tree`);
+- `ray_engine`, `ray_stages`, `remote_inputs`: `--engine ray`, the same jobs on Ray Data (`RayRun`: the driver;
+  the work in Ray's workers; inputs and outputs named by URL). Imported on demand: Ray is an optional extra.
 
 Library API:
 
@@ -29,6 +32,8 @@ from .inputs import (
     InputFile,
     Job,
     OutputPaths,
+    VideoJob,
+    VideoOutputs,
     check_no_overwrite,
     check_output_dir,
     default_output_dir,
@@ -40,11 +45,12 @@ from .inputs import (
     remove_stale_parts,
 )
 from .tree import BatchSummary, ReportWriter, exit_on_next_interrupt, interrupts_deferred, segment_tree
+from .videos import VideoResult, process_video, segment_video
 
 __all__ = [
     "MASK_SUFFIX", "OVERLAY_SUFFIX", "PROBS_SUFFIX", "STAGES", "BatchRun", "BatchSummary", "CRFPool", "ImageResult",
-    "InputFile", "Job", "OutputPaths", "ReportWriter", "check_no_overwrite", "check_output_dir", "default_output_dir",
-    "discover_inputs",
-    "exit_on_next_interrupt", "interrupts_deferred", "is_complete", "mp_context", "output_base_names", "plan_jobs",
-    "read_list", "remove_stale_parts", "run_batch", "segment_tree", "skipped_result",
+    "InputFile", "Job", "OutputPaths", "ReportWriter", "VideoJob", "VideoOutputs", "VideoResult", "check_no_overwrite",
+    "check_output_dir", "default_output_dir", "discover_inputs", "exit_on_next_interrupt", "interrupts_deferred",
+    "is_complete", "mp_context", "output_base_names", "plan_jobs", "process_video", "read_list", "remove_stale_parts",
+    "run_batch", "segment_tree", "segment_video", "skipped_result",
 ]

@@ -20,8 +20,8 @@ Pipeline (each arrow a bounded queue, so memory stays flat however many files th
     priority, `crf_nice`, so the thread feeding the device is never kept waiting for a core) or, for the torch
     CRF backend on CUDA, one thread on the device
   → encode + atomic write on a thread pool → the consumer.
-At most a fixed number of images are past the network and not yet taken by the consumer (`_InFlight`), and
-the bytes of all images between the feeder and the consumer stay under `max_bytes` (`_ByteBudget`, charged
+At most a fixed number of images are past the network and not yet taken by the consumer (`flow.InFlight`), and
+the bytes of all images between the feeder and the consumer stay under `max_bytes` (`flow.ByteBudget`, charged
 from each file's header before it is decoded), so a folder of 48 MP photos streams in flat memory.
 Working resolution (Segmenter.max_side): a photo larger than it is decoded at a reduced JPEG scale where
 possible and downscaled for the network and the CRF (the `decode` stage); its labels come back at full size
@@ -47,7 +47,7 @@ import signal
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,10 +56,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import DeeplabError, UsageError
-from ..io import decode_photo, encode_mask_png, overlay_image, photo_size, read_bytes, write_bytes, write_image, write_probs
+from .. import storage
+from ..io import decode_photo, encode_image, encode_mask_png, encode_probs, overlay_image, photo_size, read_bytes
 from ..memory import available_bytes
 from ..resolution import downscale, upsample_labels
 from .crf_pool import CRFPool, crf_task
+from .flow import NOTHING, ByteBudget, InFlight, Lookahead
 from .inputs import Job, OutputPaths
 
 if TYPE_CHECKING:
@@ -97,13 +99,7 @@ class ImageResult:
     def report_record(self) -> dict[str, Any]:
         """The --report line: path, output, status, error, timings (seconds), plus size and extra outputs."""
         outputs = self.job.outputs
-        record: dict[str, Any] = {
-            "path": str(self.job.path),
-            "output": str(outputs.mask) if outputs else None,
-            "status": self.status,
-            "error": self.error,
-            "timings": {k: round(v, 6) for k, v in self.timings.items()},
-        }
+        record = report_line(self.job.path, outputs.mask if outputs else None, self.status, self.error, self.timings)
         if self.shape is not None:
             record["size"] = [self.shape[1], self.shape[0]]  # width, height as image tools print them
         if outputs and outputs.overlay:
@@ -113,12 +109,19 @@ class ImageResult:
         return record
 
 
+def report_line(path: Path, output: Path | None, status: str, error: str | None,
+                timings: dict[str, float]) -> dict[str, Any]:
+    """The keys every --report line starts with: path, output, status, error, timings (seconds)."""
+    return {"path": str(path), "output": str(output) if output else None, "status": status, "error": error,
+            "timings": {k: round(v, 6) for k, v in timings.items()}}
+
+
 def skipped_result(job: Job) -> ImageResult:
     """The result recorded for a job whose outputs are already complete."""
     return ImageResult(job, "skipped")
 
 
-def _error_text(exc: BaseException, path: Path) -> str:
+def error_text(exc: BaseException, path: Path) -> str:
     """An exception as a one-line reason, without the path prefix our own errors carry."""
     text = str(exc) or type(exc).__name__
     prefix = f"{path}: "
@@ -152,104 +155,10 @@ class _Message:
 
 
 _END = object()  # the last message of a stage
-_NOTHING = object()  # no queue entry yet
 
 
 class _Aborted(Exception):
     """Raised between stages once a run is aborted, so the images in flight are dropped."""
-
-
-class _Lookahead:
-    """Reads a queue one entry ahead, so the reader can see whether the next entry is ready without taking it."""
-
-    def __init__(self, source: queue.Queue) -> None:
-        self._source = source
-        self._head: Any = _NOTHING
-
-    def peek(self) -> Any:
-        """The next entry without waiting (_NOTHING when there is none yet); it stays next."""
-        if self._head is _NOTHING:
-            with contextlib.suppress(queue.Empty):
-                self._head = self._source.get_nowait()
-        return self._head
-
-    def get(self, timeout: float) -> Any:
-        """Take the next entry, waiting up to timeout seconds (queue.Empty if none came)."""
-        head, self._head = self._head, _NOTHING
-        return self._source.get(timeout=timeout) if head is _NOTHING else head
-
-
-class _InFlight:
-    """The images past the network: at most `limit` until the consumer takes their results (back-pressure), and
-    how many are still being worked on (CRF, writing), so the run ends only when none is."""
-
-    def __init__(self, limit: int) -> None:
-        self._slots = threading.Semaphore(limit)
-        self._working = 0
-        self._changed = threading.Condition()
-
-    def reserve(self, n: int, stop: threading.Event) -> bool:
-        """Wait for room for n images; False (holding nothing) once stopped, as no new image starts then."""
-        held = 0
-        while held < n:
-            if self._slots.acquire(timeout=0.1):
-                held += 1
-            elif stop.is_set():
-                self.release(held)
-                return False
-        return True
-
-    def release(self, n: int = 1) -> None:
-        """Give back n slots: the consumer took the results, or the images never went downstream."""
-        if n:
-            self._slots.release(n)
-
-    def begin(self) -> None:
-        """One reserved image goes downstream (CRF, writing)."""
-        with self._changed:
-            self._working += 1
-
-    def end(self) -> None:
-        """One image downstream is done: its result is on its way to the consumer."""
-        with self._changed:
-            self._working -= 1
-            self._changed.notify_all()
-
-    def wait_idle(self, aborting: Callable[[], bool]) -> None:
-        """Wait until no image is downstream, or the run is aborted."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._working <= 0 or aborting())
-
-    def wake(self) -> None:
-        with self._changed:
-            self._changed.notify_all()
-
-
-class _ByteBudget:
-    """Bytes of the images in flight: a new image waits until its charge fits under the limit; one image alone
-    is always let through, however large (the memory pre-flight decides whether it can run at all)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self.peak = 0
-        self._changed = threading.Condition()
-
-    def acquire(self, n: int, stop: threading.Event) -> bool:
-        """Wait until n bytes fit; False (holding nothing) once stopped."""
-        with self._changed:
-            while self.used and self.used + n > self.limit:
-                if stop.is_set():
-                    return False
-                self._changed.wait(0.1)
-            self.used += n
-            self.peak = max(self.peak, self.used)
-            return True
-
-    def release(self, n: int) -> None:
-        with self._changed:
-            self.used -= n
-            self._changed.notify_all()
 
 
 class BatchRun:
@@ -291,7 +200,7 @@ class BatchRun:
         self.crf = segmenter.crf if use_crf else None  # the CRF parameters this run applies (None: no CRF)
         # Full-size labels before the CRF cost an upsampling per large photo: made only where they are used.
         self.full_labels_before_crf = self.crf is None or keep_labels_before_crf
-        self._budget = _ByteBudget(max_bytes or max(256 << 20, min(2 << 30, available_bytes() // 4)))
+        self._budget = ByteBudget(max_bytes or max(256 << 20, min(2 << 30, available_bytes() // 4)))
         if self.batch_size < 1 or self.crf_workers < 0 or self.decode_workers < 1:
             raise UsageError("batch size and worker counts must be positive (--crf-workers 0: CRF in this process)")
         self.interrupted = False
@@ -302,11 +211,16 @@ class BatchRun:
         self._stop = threading.Event()
         self._results: queue.Queue = queue.Queue()
         self._decoded: queue.Queue = queue.Queue(maxsize=max(2 * self.decode_workers, 2 * self.batch_size))
-        self._in_flight = _InFlight(2 * max(self.crf_workers, 1) + self.write_workers + self.batch_size)
+        self._in_flight = InFlight(2 * max(self.crf_workers, 1) + self.write_workers + self.batch_size)
         crf_on_device = self.crf is not None and segmenter.crf_backend == "torch" and segmenter.device.type == "cuda"
         self._crf_pool = CRFPool(self.crf_workers, self.crf_nice, in_process=crf_on_device)
 
     # -- control
+
+    @property
+    def stopping(self) -> bool:
+        """True once stop(), a Ctrl-C or an abort asked the run to end (a lazy jobs iterable may stop waiting)."""
+        return self._stop.is_set()
 
     def stop(self) -> None:
         """Stop feeding new images; those past decoding are finished, then the iteration ends."""
@@ -420,7 +334,7 @@ class BatchRun:
     def _charge(self, job: Job) -> int:
         """Bytes an image holds at most while in flight, from its header: the decoded photo, the working-size
         image and class maps, the full-size labels and overlay."""
-        size = photo_size(job.path)
+        size = job.image.shape[:2] if job.image is not None else photo_size(job.path)
         if size is None:
             return 1 << 20  # unreadable: it fails at decoding
         seg = self.segmenter
@@ -452,7 +366,10 @@ class BatchRun:
         t0 = time.perf_counter()
         seg = self.segmenter
         wants_full = self.keep_images or (job.outputs is not None and job.outputs.overlay is not None)
-        image, full = decode_photo(read_bytes(job.path), str(job.path), None if wants_full else seg.max_side)
+        if job.image is not None:  # decoded already (a video frame)
+            image, full = job.image, job.image.shape[:2]
+        else:
+            image, full = decode_photo(read_bytes(job.path), str(job.path), None if wants_full else seg.max_side)
         seg.check_memory(*full)
         work = seg.working_size(*full)
         small = downscale(image, work)
@@ -469,7 +386,7 @@ class BatchRun:
         if self.net_threads:
             torch.set_num_threads(self.net_threads)
         buckets: OrderedDict[tuple[int, int], list[_Item]] = OrderedDict()
-        decoded = _Lookahead(self._decoded)
+        decoded = Lookahead(self._decoded)
         try:
             while not self._stop.is_set():
                 if buckets and not self._ready(decoded.peek()):
@@ -488,7 +405,7 @@ class BatchRun:
                     item = future.result()
                 except Exception as exc:  # noqa: BLE001 - any decode failure is this image's failure
                     self._budget.release(charge)
-                    self._results.put(_Message(ImageResult(job, "failed", _error_text(exc, job.path))))
+                    self._results.put(_Message(ImageResult(job, "failed", error_text(exc, job.path))))
                     continue
                 bucket = buckets.setdefault(item.size, [])
                 bucket.append(item)
@@ -511,7 +428,7 @@ class BatchRun:
     @staticmethod
     def _ready(entry: Any) -> bool:
         """True when a queue entry is a decoded image ready to be taken (so batching can wait for it)."""
-        return entry is not _NOTHING and entry is not _END and entry[1].done()
+        return entry is not NOTHING and entry is not _END and entry[1].done()
 
     def _run_network(self, items: list[_Item]) -> None:
         if not self._in_flight.reserve(len(items), self._stop):
@@ -533,7 +450,7 @@ class BatchRun:
                     self._run_network([item])
                 return
             self._in_flight.begin()
-            self._emit(items[0], ImageResult(items[0].job, "failed", f"network failed: {_error_text(exc, items[0].job.path)}",
+            self._emit(items[0], ImageResult(items[0].job, "failed", f"network failed: {error_text(exc, items[0].job.path)}",
                                              shape=items[0].full))
             return
         for item in items:
@@ -610,25 +527,16 @@ class BatchRun:
             probs = item.probs if isinstance(item.probs, np.ndarray) else None
             t0 = time.perf_counter()
             if job.outputs is not None:
-                self._write_outputs(job.outputs, item.picture, result.labels, probs, self.segmenter.class_names)
+                write_outputs(job.outputs, item.picture, result.labels, probs, self.segmenter.class_names)
             item.timings["write"] = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - a failure of this image only
-            result.status, result.error = "failed", _error_text(exc, job.path)
+            result.status, result.error = "failed", error_text(exc, job.path)
             result.labels_after_crf = result.crf_probs = None
         if self.keep_images:
             result.image = item.picture
         if self.keep_probs and result.ok:
             result.probs = probs
         self._emit(item, result)
-
-    @staticmethod
-    def _write_outputs(outputs: OutputPaths, image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None,
-                       class_names: list[str] | None) -> None:
-        if outputs.probs is not None:
-            write_probs(outputs.probs, probs)
-        if outputs.overlay is not None:
-            write_image(outputs.overlay, overlay_image(image, labels, class_names if outputs.legend else None))
-        write_bytes(outputs.mask, encode_mask_png(labels))  # the mask last: it marks the image as complete
 
     def _emit(self, item: _Item, result: ImageResult) -> None:
         item.image = item.full_image = item.probs = None
@@ -640,6 +548,22 @@ class BatchRun:
     def peak_bytes(self) -> int:
         """The most bytes of images in flight at once (estimated from their headers), for tests and diagnostics."""
         return self._budget.peak
+
+
+def write_outputs(outputs: OutputPaths, image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None = None,
+                  class_names: Sequence[str] | None = None, source: str | None = None) -> None:
+    """Write the probabilities and the overlay (legend of class_names when outputs.legend) that outputs asks for,
+    then the mask, last: it marks the image as complete. Each file whole or not at all, at a path or URL
+    (storage.write_bytes). labels (H, W) at full size; image (H, W, 3), or smaller (a working resolution): the
+    overlay then decodes `source` again at full size."""
+    if outputs.probs is not None:
+        storage.write_bytes(str(outputs.probs), encode_probs(probs))
+    if outputs.overlay is not None:
+        if image.shape[:2] != labels.shape and source is not None:
+            image = decode_photo(storage.read_bytes(source), source)[0]
+        overlay = overlay_image(image, labels, class_names if outputs.legend else None)
+        storage.write_bytes(str(outputs.overlay), encode_image(overlay, outputs.overlay))
+    storage.write_bytes(str(outputs.mask), encode_mask_png(labels))
 
 
 def _free_device_memory(exc: BaseException) -> None:

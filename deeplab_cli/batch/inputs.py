@@ -4,6 +4,11 @@
     jobs = plan_jobs(inputs, "masks/", overlay=True)       # [Job(path, outputs=OutputPaths(...))]
     todo = [job for job in jobs if not is_complete(job)]   # resumable: finished outputs are skipped
 
+With `discover_inputs(..., videos=True)` videos are inputs too, and plan_jobs gives each a `VideoJob`: its
+frames' masks in the folder `base/` (`base/000123.png`, see batch.videos) and, with overlay, `base.overlay.mp4`
+beside it. A video's base is its stem unless that collides as above, or with a subfolder of inputs of the
+same name (`clip.mp4` beside `clip/`: base `clip.mp4`), so a video's folder never mixes with mirrored images.
+
 Output names (plan_jobs): the tree below each input folder (or glob base, or the current directory for
 listed files) is mirrored under the output folder. In one folder an input's base is its stem (`x.jpg`
 → `x`), unless another input of that folder has the same stem (`x.png`) or is named exactly that stem
@@ -23,17 +28,22 @@ import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
 from ..io import IMAGE_EXTENSIONS, STDIO, is_image_path, read_bytes
+from ..video import VIDEO_EXTENSIONS, FrameSelection, is_video_path
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MASK_SUFFIX, OVERLAY_SUFFIX, PROBS_SUFFIX = ".png", ".overlay.jpg", ".probs.npy"
+VIDEO_OVERLAY_SUFFIX = ".overlay.mp4"
 _GLOB_MAGIC = re.compile(r"[*?[]")
 # atomic_path's temporary names: tempfile.mkstemp(prefix=".NAME.", suffix=".part") adds 8 random characters.
-_PART_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.part$")
+_PART_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.part(\.[A-Za-z0-9]+)?$")  # keep_suffix: `.part.mp4`
 
 
 @dataclass(frozen=True)
@@ -53,14 +63,18 @@ def _key_for_file(path: Path) -> PurePath:
     return PurePath(*([drive] if drive else []), *absolute.parts[1:])
 
 
-def _walk(folder: Path, recursive: bool, exclude: Path | None) -> Iterator[Path]:
-    """Image files below folder in sorted order, skipping hidden names and the excluded (output) folder."""
+def _is_input(path: str | os.PathLike, videos: bool) -> bool:
+    return is_image_path(path) or (videos and is_video_path(path))
+
+
+def _walk(folder: Path, recursive: bool, exclude: Path | None, videos: bool = False) -> Iterator[Path]:
+    """Image (and video) files below folder in sorted order, skipping hidden names and the excluded (output) folder."""
     excluded = os.path.abspath(exclude) if exclude is not None else None
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
                              and os.path.abspath(os.path.join(dirpath, d)) != excluded) if recursive else []
         for name in sorted(filenames):
-            if not name.startswith(".") and is_image_path(name):
+            if not name.startswith(".") and _is_input(name, videos):
                 yield Path(dirpath, name)
 
 
@@ -81,8 +95,10 @@ def discover_inputs(
     from_list: str | None = None,
     exclude: str | os.PathLike | None = None,
     warn: Callable[[str], None] | None = None,
+    videos: bool = False,
 ) -> list[InputFile]:
-    """Expand folders (walked, recursively by default), globs and files (plus --from-list entries) into images.
+    """Expand folders (walked, recursively by default), globs and files (plus --from-list entries) into images
+    (and videos, with videos=True).
 
     Keys: relative to a folder argument, to a glob's fixed leading folders, or (files, list entries) to the
     current directory. Hidden names and `exclude` (the output folder) are skipped in walks; non-image
@@ -95,16 +111,17 @@ def discover_inputs(
     found: list[InputFile] = []
 
     def add_file(path: Path, key: PurePath | None = None, explicit: bool = False) -> None:
-        if is_image_path(path):
+        if _is_input(path, videos):
             found.append(InputFile(path, key if key is not None else _key_for_file(path)))
         elif explicit:
-            warn(f"{path}: ignored (not an image by its extension: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+            known = sorted(IMAGE_EXTENSIONS | (VIDEO_EXTENSIONS if videos else frozenset()))
+            warn(f"{path}: ignored (not an image{' or a video' if videos else ''} by its extension: {', '.join(known)})")
 
     for source in sources:
         text = os.fspath(source)
         path = Path(text)
         if path.is_dir():
-            for file in _walk(path, recursive, exclude_path):
+            for file in _walk(path, recursive, exclude_path, videos):
                 found.append(InputFile(file, PurePath(os.path.relpath(file, path))))
         elif path.exists():
             add_file(path, explicit=True)
@@ -126,7 +143,7 @@ def discover_inputs(
         for line in read_list(from_list):
             path = Path(line)
             if path.is_dir():
-                for file in _walk(path, recursive, exclude_path):
+                for file in _walk(path, recursive, exclude_path, videos):
                     add_file(file)
             else:
                 add_file(path, explicit=True)  # missing files fail later, with the others' results
@@ -165,27 +182,71 @@ class OutputPaths:
 
 @dataclass(frozen=True)
 class Job:
-    """One image to segment: where to read it, where to write (None: write nothing), and caller data."""
+    """One image to segment: where to read it, where to write (None: write nothing), and caller data.
+
+    image: the picture already decoded ((H, W, 3) uint8 RGB, e.g. a video frame); path is then only its name.
+    """
 
     path: Path
     outputs: OutputPaths | None = None
     tag: Any = None
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class VideoOutputs:
+    """Where one video's results go: a folder of frame masks and/or a lossless label video, and an overlay.
+
+    overlay: a video file (by its extension, see video.OVERLAY_VIDEO_CODECS) or a folder of NNN.jpg frames.
+    """
+
+    masks: Path | None = None
+    labels: Path | None = None
+    overlay: Path | None = None
+    legend: bool = True  # the overlay carries a legend of the classes present in each frame
+
+    @property
+    def overlay_video(self) -> Path | None:
+        """The overlay when it is a video file."""
+        return self.overlay if self.overlay is not None and is_video_path(self.overlay) else None
+
+    @property
+    def overlay_frames(self) -> Path | None:
+        """The overlay when it is a folder of frames."""
+        return self.overlay if self.overlay is not None and not is_video_path(self.overlay) else None
+
+    def paths(self) -> list[Path]:
+        return [p for p in (self.masks, self.labels, self.overlay) if p is not None]
+
+
+@dataclass(frozen=True)
+class VideoJob:
+    """One video to segment: the file, its outputs and which frames (--start / --end / --every)."""
+
+    path: Path
+    outputs: VideoOutputs
+    selection: FrameSelection = FrameSelection()
 
 
 def plan_jobs(
     inputs: Sequence[InputFile], output_dir: str | os.PathLike, overlay: bool = False, save_probs: bool = False,
-    legend: bool = True,
-) -> list[Job]:
+    legend: bool = True, selection: FrameSelection = FrameSelection(),
+) -> list[Job | VideoJob]:
     """Map inputs to output paths mirroring their keys under output_dir, with collision-free names.
 
-    Raises UsageError when two different inputs would write the same file (same key from two sources)
-    or when an output would overwrite an input.
+    Videos become VideoJobs of that frame selection (save_probs does not apply to them). Raises UsageError
+    when two different inputs would write the same file (same key from two sources) or when an output would
+    overwrite an input.
     """
     out = Path(output_dir)
     by_folder: dict[PurePath, list[InputFile]] = defaultdict(list)
+    subfolders: dict[PurePath, set[str]] = defaultdict(set)  # folder → its subfolders holding inputs
     for item in inputs:
         by_folder[item.key.parent].append(item)
-    planned: dict[PurePath, OutputPaths] = {}
+        parts = item.key.parent.parts
+        for depth in range(len(parts)):
+            subfolders[PurePath(*parts[:depth])].add(parts[depth])
+    planned: dict[PurePath, OutputPaths | VideoOutputs] = {}
     for folder, items in by_folder.items():
         seen: dict[str, InputFile] = {}
         for item in items:
@@ -196,25 +257,32 @@ def plan_jobs(
         bases = output_base_names(seen)
         for name, item in seen.items():
             base = out / folder / bases[name]
+            if is_video_path(name):
+                if bases[name] in subfolders[folder]:
+                    base = out / folder / name
+                planned[item.key] = VideoOutputs(masks=base, overlay=Path(f"{base}{VIDEO_OVERLAY_SUFFIX}") if overlay
+                                                 else None, legend=legend)
+                continue
             planned[item.key] = OutputPaths(
                 Path(f"{base}{MASK_SUFFIX}"),
                 Path(f"{base}{OVERLAY_SUFFIX}") if overlay else None,
                 Path(f"{base}{PROBS_SUFFIX}") if save_probs else None,
                 legend,
             )
-    jobs = [Job(item.path, planned[item.key]) for item in inputs]
+    jobs = [VideoJob(item.path, outputs, selection) if isinstance(outputs := planned[item.key], VideoOutputs)
+            else Job(item.path, outputs) for item in inputs]
     check_no_overwrite(jobs)
     return jobs
 
 
-def check_no_overwrite(jobs: Sequence[Job]) -> None:
+def check_no_overwrite(jobs: Sequence[Job | VideoJob]) -> None:
     """Raise UsageError when any job's output path is another (or its own) input path."""
     sources = {os.path.normcase(os.path.abspath(job.path)): job.path for job in jobs}
     for job in jobs:
         for path in job.outputs.paths() if job.outputs else ():
             hit = sources.get(os.path.normcase(os.path.abspath(path)))
             if hit is not None:
-                raise UsageError(f"{path}: refusing to overwrite the input image {hit}; choose another -o folder")
+                raise UsageError(f"{path}: refusing to overwrite the input {hit}; choose another -o folder")
 
 
 def check_output_dir(output_dir: str | os.PathLike, sources: Sequence[str | os.PathLike]) -> None:

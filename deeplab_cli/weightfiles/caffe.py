@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,9 +21,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from ..archs import Layer
+from ..archs import MSC_WIDTH, ArchConfig, Layer
 from ..errors import DeeplabError, UsageError
-from ..model import ARCHS, LAYER_ORDER, check_shapes, expected_shapes, get_arch, infer_arch
+from ..model import ARCHS, check_shapes, expected_shapes, get_arch, infer_arch
 from .cache import sha256_file
 from .formats import Weights, save_weights
 
@@ -157,9 +158,17 @@ def read_caffemodel(path: str | os.PathLike) -> list[CaffeLayer]:
     return parse_caffemodel(data, str(path))
 
 
+_KNOWN_LAYERS = frozenset(layer.name for cfg in ARCHS.values() for layer in cfg.param_layers())
+_BRANCH_SCORES = re.compile(r"^(data|pool[1-4])_ms")
+
+
 def _our_layer(name: str) -> str | None:
-    if name in LAYER_ORDER:
+    """Our layer for a Caffe layer name: the same name, any {source}_ms* → {source}_ms, any fc8* → fc8; else None."""
+    if name in _KNOWN_LAYERS:
         return name
+    match = _BRANCH_SCORES.match(name)
+    if match:
+        return f"{match.group(1)}_ms"
     return "fc8" if name.startswith("fc8") else None
 
 
@@ -174,49 +183,111 @@ def _conv_weight(blob: np.ndarray, in_channels: int) -> np.ndarray:
     return blob
 
 
-def caffe_state_dict(layers: list[CaffeLayer], source: str = "<caffemodel>") -> tuple[dict[str, torch.Tensor], str]:
-    """Map Caffe layers onto our keys by name (conv1_1 … fc7, any fc8* → fc8); also return the fc8 layer's name."""
-    found: dict[str, CaffeLayer] = {}
-    unknown = []
-    fc8_names = [layer.name for layer in layers if _our_layer(layer.name) == "fc8"]
-    if len(fc8_names) > 1:
-        raise DeeplabError(f"{source}: several fc8 layers ({', '.join(fc8_names)}); cannot tell which one to use")
+def _weight_in_channels(layer: CaffeLayer) -> int | None:
+    """Input channels of a 1×1 layer's weight blob (weight size ÷ bias size), or None without two blobs."""
+    if len(layer.blobs) != 2 or not layer.blobs[1].size:
+        return None
+    return layer.blobs[0].size // layer.blobs[1].size
+
+
+def _fits(candidate: CaffeLayer, layer: Layer) -> bool:
+    """True when a Caffe layer's blobs have the shapes of our layer's weight and bias."""
+    if len(candidate.blobs) != 2 or candidate.blobs[1].size != layer.out_channels:
+        return False
+    return _conv_weight(candidate.blobs[0], layer.in_channels).shape == layer.param_shapes()["weight"]
+
+
+@dataclass
+class LayerMap:
+    """Which Caffe layer gives each of our layers with parameters, for one architecture."""
+
+    arch: ArchConfig
+    layers: dict[str, CaffeLayer]  # our layer name → Caffe layer, in network order
+    by_shape: list[tuple[str, str]] = field(default_factory=list)  # (ours, theirs) matched by order and shape
+
+
+def map_layers(layers: list[CaffeLayer], source: str = "<caffemodel>", arch: str | None = None) -> LayerMap:
+    """Map a .caffemodel's layers onto an architecture's: by name (conv1_1 … fc7, fc8* → fc8, the MSc branches'
+    {source}_conv, {source}_fc, {source}_ms*), then layers of other names by order and blob shape.
+
+    Without arch, the architectures with as many layers as the file are tried first. When none fits, a
+    DeeplabError names, in one line, the layers missing and those left without a place for the architecture
+    that came closest.
+    """
+    fc8s = [layer for layer in layers if _our_layer(layer.name) == "fc8"]
+    if len(fc8s) > 1:  # a branch's scores named fc8_…: the main fc8 is the one not fed by a 128-channel branch
+        main = [layer for layer in fc8s if _weight_in_channels(layer) != MSC_WIDTH]
+        if len(main) != 1:
+            raise DeeplabError(f"{source}: several fc8 layers ({', '.join(x.name for x in fc8s)}); "
+                               "cannot tell which one to use")
+        fc8s = main
+    named: dict[str, CaffeLayer] = {}
+    unnamed: list[CaffeLayer] = []
     for layer in layers:
         ours = _our_layer(layer.name)
-        if ours is None:
-            unknown.append(layer.name)
-        elif ours in found:
+        if ours is None or (ours == "fc8" and layer is not fc8s[0]):
+            unnamed.append(layer)
+        elif ours in named:
             raise DeeplabError(f"{source}: layer {layer.name!r} appears twice")
         else:
-            found[ours] = layer
-    missing = [("fc8*" if n == "fc8" else n) for n in LAYER_ORDER if n not in found]
-    if missing or unknown:
-        parts = [f"missing layers: {', '.join(missing)}"] if missing else []
-        if unknown:
-            more = " …" if len(unknown) > 8 else ""
-            parts.append(f"layers that are not DeepLab v1's: {', '.join(unknown[:8])}{more}")
-        raise DeeplabError(f"{source}: does not hold a DeepLab v1 network: {'; '.join(parts)}")
+            named[ours] = layer
+    num_classes = named["fc8"].blobs[-1].size if "fc8" in named and named["fc8"].blobs else 0
+    candidates = ([get_arch(arch)] if arch else
+                  sorted(ARCHS.values(), key=lambda cfg: len(cfg.param_layers()) != len(layers)))
+    problems = []
+    for cfg in candidates:
+        expected = cfg.param_layers(max(num_classes, 1))
+        found = {layer.name: named[layer.name] for layer in expected if layer.name in named}
+        extra = [layer.name for ours, layer in named.items() if ours not in found]
+        left, by_shape = list(unnamed), []
+        for layer in expected:
+            match = None if layer.name in found else next((c for c in left if _fits(c, layer)), None)
+            if match is not None:
+                found[layer.name] = match
+                left.remove(match)
+                by_shape.append((layer.name, match.name))
+        missing = [layer.name for layer in expected if layer.name not in found]
+        if not (missing or extra or left):
+            return LayerMap(cfg, {layer.name: found[layer.name] for layer in expected}, by_shape)
+        problems.append((missing, [layer.name for layer in layers if layer.name in extra or layer in left]))
+    missing, unknown = min(problems, key=lambda p: len(p[0]) + len(p[1]))
+    parts = []
+    if missing:  # names with a suffix in Caffe files (fc8_voc12) are shown as fc8*
+        parts.append(f"missing layers: {', '.join(caffe_name(n, 'fc8*') for n in missing)}")
+    if unknown:
+        more = " …" if len(unknown) > 8 else ""
+        parts.append(f"layers that are not DeepLab v1's: {', '.join(unknown[:8])}{more}")
+    raise DeeplabError(f"{source}: does not hold a DeepLab v1 network: {'; '.join(parts)}")
+
+
+def _state_dict(mapping: LayerMap, source: str) -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {}
-    in_channels = 3
-    for name in LAYER_ORDER:
-        layer = found[name]
-        if len(layer.blobs) != 2:
-            raise DeeplabError(f"{source}: layer {layer.name!r} has {len(layer.blobs)} blobs, expected weight and bias")
-        weight = _conv_weight(layer.blobs[0], in_channels)
-        sd[f"{name}.weight"] = torch.from_numpy(np.ascontiguousarray(weight))
-        sd[f"{name}.bias"] = torch.from_numpy(layer.blobs[1].reshape(-1).copy())  # old files: [1, 1, 1, n]
-        in_channels = weight.shape[0]
-    return sd, found["fc8"].name
+    for layer in mapping.arch.param_layers():
+        caffe = mapping.layers[layer.name]
+        if len(caffe.blobs) != 2:
+            raise DeeplabError(f"{source}: layer {caffe.name!r} has {len(caffe.blobs)} blobs, expected weight and bias")
+        weight = _conv_weight(caffe.blobs[0], layer.in_channels)
+        sd[f"{layer.name}.weight"] = torch.from_numpy(np.ascontiguousarray(weight))
+        sd[f"{layer.name}.bias"] = torch.from_numpy(caffe.blobs[1].reshape(-1).copy())  # old files: [1, 1, 1, n]
+    return sd
+
+
+def caffe_state_dict(layers: list[CaffeLayer], source: str = "<caffemodel>", arch: str | None = None
+                     ) -> tuple[dict[str, torch.Tensor], str]:
+    """Our state dict from a .caffemodel's layers (mapped by map_layers); also return the fc8 layer's name."""
+    mapping = map_layers(layers, source, arch)
+    return _state_dict(mapping, source), mapping.layers["fc8"].name
 
 
 def load_caffemodel(path: str | os.PathLike, arch: str | None = None) -> Weights:
-    """Read and check a .caffemodel; arch defaults to the one fc6's shape identifies."""
+    """Read and check a .caffemodel; arch defaults to the one its layers and fc6's shape identify."""
     path = Path(path)
-    sd, fc8_name = caffe_state_dict(read_caffemodel(path), str(path))
+    mapping = map_layers(read_caffemodel(path), str(path), arch)
+    sd = _state_dict(mapping, str(path))
     if arch is None:
         arch = infer_arch(sd)
         if arch is None:
-            fits = "; ".join(f"{n}: {list(s)}" for n, s in _fc6_shapes().items())
+            fits = "; ".join(f"{n}: {list(s)}" for n, s in _fc6_shapes(mapping.arch).items())
             raise DeeplabError(
                 f"{path}: fc6 is {list(sd['fc6.weight'].shape)}, which fits no known architecture ({fits})"
             )
@@ -224,13 +295,17 @@ def load_caffemodel(path: str | os.PathLike, arch: str | None = None) -> Weights
     num_classes = int(sd["fc8.weight"].shape[0])
     check_shapes(sd, arch, num_classes, source=str(path))
     metadata = {
-        "source": path.name, "source_sha256": sha256_file(path), "source_format": "caffemodel", "caffe_fc8": fc8_name,
+        "source": path.name, "source_sha256": sha256_file(path), "source_format": "caffemodel",
+        "caffe_fc8": mapping.layers["fc8"].name,
     }
+    if mapping.by_shape:
+        metadata["caffe_by_shape"] = ", ".join(f"{ours}={theirs}" for ours, theirs in mapping.by_shape)
     return Weights(sd, arch, num_classes, metadata, path)
 
 
-def _fc6_shapes() -> dict[str, tuple[int, ...]]:
-    return {name: expected_shapes(name)["fc6.weight"] for name in ARCHS}
+def _fc6_shapes(like: ArchConfig) -> dict[str, tuple[int, ...]]:
+    """fc6's shape in each architecture with the same layers as `like` (single-scale or multi-scale)."""
+    return {name: expected_shapes(name)["fc6.weight"] for name, cfg in ARCHS.items() if cfg.msc == like.msc}
 
 
 def convert_caffemodel(src: str | os.PathLike, dst: str | os.PathLike, arch: str | None = None) -> Weights:
@@ -249,9 +324,12 @@ def convert_caffemodel(src: str | os.PathLike, dst: str | os.PathLike, arch: str
 # as ours on a converted model (the tests' independent check). deeplab_cli.testing writes matching .caffemodels.
 
 
-def caffe_name(layer: Layer, fc8_name: str = "fc8_voc12") -> str:
-    """A layer's name in the authors' Caffe files: the class-score layer carries the model's suffix (fc8_voc12)."""
-    return fc8_name if layer.scores else layer.name
+def caffe_name(name: str, fc8_name: str = "fc8_voc12") -> str:
+    """Our layer name → its name in the authors' Caffe files, where class-score layers carry the model's suffix:
+    fc8 → fc8_voc12, pool1_ms → pool1_ms_voc12 (the inverse of _our_layer)."""
+    if name == "fc8":
+        return fc8_name
+    return name + fc8_name.removeprefix("fc8") if _BRANCH_SCORES.match(name) else name
 
 
 def _prototxt_params(layer: Layer) -> str:
@@ -266,11 +344,15 @@ def _prototxt_params(layer: Layer) -> str:
                 f"pad: {layer.pad} }}")
     if layer.kind == "dropout":
         return "dropout_param { dropout_ratio: 0.5 }"
+    if layer.kind == "crop":
+        return "crop_param { axis: 2 offset: 0 }"
+    if layer.kind == "sum":
+        return "eltwise_param { operation: SUM }"
     return ""
 
 
 _PROTOTXT_TYPES = {"conv": "Convolution", "relu": "ReLU", "dropout": "Dropout", "max_pool": "Pooling",
-                   "ave_pool": "Pooling"}
+                   "ave_pool": "Pooling", "crop": "Crop", "sum": "Eltwise"}
 
 
 def deploy_prototxt(
@@ -288,7 +370,7 @@ def deploy_prototxt(
     """
     cfg = get_arch(arch)
     layers = cfg.layers(num_classes)
-    names = {layer.top: caffe_name(layer, fc8_name) for layer in layers if layer.scores}  # fc8 → fc8_voc12
+    names = {layer.top: caffe_name(layer.name, fc8_name) for layer in layers if layer.has_params}  # fc8 → fc8_voc12
     lines = [f'name: "DeepLab-{cfg.name}"', 'input: "data"',
              f"input_shape {{ dim: 1 dim: 3 dim: {height} dim: {width} }}"]
 
@@ -297,7 +379,7 @@ def deploy_prototxt(
         lines.append(f'layer {{ name: "{name}" type: "{type_}"{fields} }}')
 
     for layer in layers:
-        add(caffe_name(layer, fc8_name), _PROTOTXT_TYPES[layer.kind], [names.get(b, b) for b in layer.bottoms],
+        add(caffe_name(layer.name, fc8_name), _PROTOTXT_TYPES[layer.kind], [names.get(b, b) for b in layer.bottoms],
             names.get(layer.top, layer.top), _prototxt_params(layer))
     if interp:
         scores = names.get(layers[-1].top, layers[-1].top)

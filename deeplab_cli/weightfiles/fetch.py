@@ -271,7 +271,7 @@ def fetch(
         then = f"run `deeplab weights convert FILE -o {dest}`" if fmt == "caffemodel" else "pass it with --weights"
         raise DeeplabError(f"{'; '.join(failures)}. Fetch {urls[0]} by hand and {then}")
     try:
-        weights = _store(src, dest, fmt, arch or entry.get("arch"), u)
+        weights = _store(src, dest, fmt, arch or entry.get("arch"), u, entry.get("crf_preset"))
     finally:
         src.unlink(missing_ok=True)
     records[name] = {
@@ -288,14 +288,17 @@ def fetch(
     return FetchResult(name, dest, u, digest, how, True, weights.arch, weights.num_classes)
 
 
-def _store(src: Path, dest: Path, fmt: str, arch: str | None, url: str) -> Weights:
-    """Convert or re-save a verified download as our .safetensors, with its origin in the metadata."""
+def _store(src: Path, dest: Path, fmt: str, arch: str | None, url: str, crf_preset: str | None = None) -> Weights:
+    """Convert or re-save a verified download as our .safetensors, with its origin (and the manifest's CRF preset,
+    which `--crf-preset auto` then takes) in the metadata."""
     if fmt == "caffemodel":
         weights = load_caffemodel(src, arch)
     else:
         weights = load_weights(src, arch)
         weights.metadata = {"source": src.name, "source_sha256": sha256_file(src), "source_format": fmt}
     weights.metadata["source_url"] = url
+    if crf_preset:
+        weights.metadata["crf_preset"] = crf_preset
     save_weights(weights.state_dict, dest, weights.arch, weights.metadata)
     weights.path = dest
     return weights
@@ -338,6 +341,7 @@ def _row(name: str, entry: dict | None, record: dict | None, verify: bool) -> di
         "known": entry is not None,
         "description": (entry or {}).get("description", "local file"),
         "arch": (entry or {}).get("arch"),
+        "crf_preset": (entry or {}).get("crf_preset"),
         "classes": (entry or {}).get("classes"),
         "url": (entry or {}).get("url") or (record or {}).get("url"),
         "published_sha256": (entry or {}).get("sha256"),

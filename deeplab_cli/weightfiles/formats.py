@@ -16,7 +16,7 @@ import torch
 
 from ..errors import DeeplabError, UsageError
 from ..io import atomic_path
-from ..model import ARCHS, LAYER_ORDER, DeepLab, check_shapes, infer_arch
+from ..model import ARCHS, DeepLab, check_shapes, infer_arch, layer_order
 
 _PREFIXES = ("module.", "model.", "net.", "base.", "deeplab.")
 
@@ -30,6 +30,11 @@ class Weights:
     num_classes: int
     metadata: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
+
+    @property
+    def crf_preset(self) -> str:
+        """The CRF preset recorded with the weights (metadata `crf_preset`), else their architecture's."""
+        return self.metadata.get("crf_preset") or ARCHS[self.arch].crf_preset
 
 
 def _read_raw(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -65,33 +70,44 @@ def _read_raw(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def normalize_state_dict(sd: dict[str, torch.Tensor], source: str = "weights") -> dict[str, torch.Tensor]:
-    """Map foreign key layouts (module. prefixes, fc8_voc12, torchvision-style features.N) onto ours."""
+    """Map foreign key layouts (module. prefixes, fc8_voc12, pool1_ms_voc12, torchvision-style features.N) onto ours.
+
+    Keys holding every layer of the single-scale or the multi-scale networks are taken by name (the larger
+    set that fits); otherwise the 4-D weights (and their biases) are taken in file order, if there are as
+    many as one of the two has layers.
+    """
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         for prefix in _PREFIXES:
             if key.startswith(prefix):
                 key = key[len(prefix):]
         key = re.sub(r"^fc8[^.]*\.", "fc8.", key)  # fc8_voc12, fc8_pascal, ...
+        key = re.sub(r"^(data|pool[1-4])_ms[^.]*\.", r"\1_ms.", key)  # pool1_ms_voc12, ...
         out[key] = value
-    wanted = {f"{layer}.{p}" for layer in LAYER_ORDER for p in ("weight", "bias")}
-    if wanted <= out.keys():
-        _refuse_unmapped(out.keys() - wanted, source)
-        return {k: out[k] for k in sorted(wanted, key=_layer_sort_key)}
+    orders = sorted({tuple(layer_order(arch)) for arch in ARCHS}, key=len, reverse=True)
+    for order in orders:
+        wanted = {f"{layer}.{p}" for layer in order for p in ("weight", "bias")}
+        if wanted <= out.keys():
+            _refuse_unmapped(out.keys() - wanted, source)
+            return {f"{layer}.{p}": out[f"{layer}.{p}"] for layer in order for p in ("weight", "bias")}
     # Same tensors under other names: take the 4-D weights (and their biases) in file order.
     pairs = []
     for key, value in out.items():
         if key.endswith("weight") and value.dim() == 4:
             bias_key = key[: -len("weight")] + "bias"
             pairs.append((key, value, out.get(bias_key)))
-    if len(pairs) != len(LAYER_ORDER) or any(b is None for _, _, b in pairs):
+    order = next((o for o in orders if len(o) == len(pairs)), orders[-1])
+    if len(pairs) != len(order) or any(b is None for _, _, b in pairs):
+        wanted = {f"{layer}.{p}" for layer in order for p in ("weight", "bias")}
         unmapped = sorted(k for k in out if k not in wanted)[:8]
-        missing = sorted(wanted - out.keys(), key=_layer_sort_key)[:8]
+        missing = [k for layer in order for k in (f"{layer}.weight", f"{layer}.bias") if k not in out][:8]
+        need = " or ".join(str(len(o)) for o in reversed(orders))
         raise DeeplabError(
             f"{source}: cannot map keys onto DeepLab layers: found {len(pairs)} convolution weights, "
-            f"need {len(LAYER_ORDER)}; missing e.g. {', '.join(missing)}; unmapped e.g. {', '.join(unmapped) or '-'}"
+            f"need {need}; missing e.g. {', '.join(missing)}; unmapped e.g. {', '.join(unmapped) or '-'}"
         )
     mapped = {}
-    for layer, (_, weight, bias) in zip(LAYER_ORDER, pairs):
+    for layer, (_, weight, bias) in zip(order, pairs):
         mapped[f"{layer}.weight"] = weight
         mapped[f"{layer}.bias"] = bias.reshape(-1)
     used = {k for key, _, _ in pairs for k in (key, key[: -len("weight")] + "bias")}
@@ -104,11 +120,6 @@ def _refuse_unmapped(keys: set[str], source: str) -> None:
     if keys:
         shown = ", ".join(sorted(keys)[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
         raise DeeplabError(f"{source}: keys that map onto no DeepLab layer: {shown}")
-
-
-def _layer_sort_key(key: str) -> tuple[int, str]:
-    layer, _, param = key.partition(".")
-    return (LAYER_ORDER.index(layer) if layer in LAYER_ORDER else 99, param)
 
 
 def load_weights(path: str | os.PathLike, arch: str | None = None) -> Weights:
