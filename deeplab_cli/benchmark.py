@@ -178,16 +178,13 @@ def variants_for(device: torch.device) -> list[dict[str, Any]]:
     """
     def v(precision: str, channels_last: bool, packed: bool = False, runtime: str = "torch") -> dict[str, Any]:
         return {"precision": precision, "channels_last": channels_last, "packed": packed, "runtime": runtime}
-
     if device.type == "cuda":
         precisions = ["fp32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
         return [v(p, cl) for p in precisions for cl in (False, True)]
     bf16 = cpu_supports_bf16()
     out = [v("fp32", False), v("fp32", True), v("fp32", True, True)] + ([v("bf16", True, True)] if bf16 else [])
-    if missing("onnxruntime") is None:
-        out.append(v("fp32", True, runtime="onnxruntime"))
-    if missing("openvino") is None:
-        out += [v("fp32", True, runtime="openvino")] + ([v("bf16", True, runtime="openvino")] if bf16 else [])
+    out += [v("fp32", True, runtime="onnxruntime")] if missing("onnxruntime") is None else []
+    out += [v(p, True, runtime="openvino") for p in ["fp32"] + ["bf16"] * bf16] if missing("openvino") is None else []
     return out
 
 

@@ -22,6 +22,8 @@ CPU only: on CUDA the pipeline runs the eager model (cuDNN packs nothing per cal
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,8 +68,9 @@ def _pool(layer: Layer, x: torch.Tensor) -> torch.Tensor:
 class PackedNetwork:
     """A DeepLab's layers as oneDNN primitives with packed weights and fused ReLU; fp32 or bf16, on the CPU.
 
-    Calling it keeps freed memory for reuse process-wide (allocator.keep_freed_memory). The layer sequence must be a chain
-    (every DeepLab v1 variant is); ValueError otherwise.
+    Runs the architecture's layer graph as DeepLab.forward does (blobs freed after their last reader; the
+    multi-scale variants' crops and sums by the model's own modules). Calling it keeps freed memory for reuse
+    process-wide (allocator.keep_freed_memory).
     """
 
     def __init__(self, model: DeepLab, precision: str = "fp32") -> None:
@@ -75,34 +78,36 @@ class PackedNetwork:
             raise ValueError(f"PackedNetwork runs {' or '.join(DTYPES)}, not {precision}")
         self.dtype = DTYPES[precision]
         self.precision = precision
-        self.steps: list[tuple[Layer, _Conv | None]] = []
-        blob = "data"
-        layers = [layer for layer in model.layers if layer.kind != "dropout"]  # identity at inference
-        for i, layer in enumerate(layers):
-            if layer.bottoms != (blob,):
-                raise ValueError(f"layer {layer.name} does not read the previous layer's output: not a chain")
-            blob = layer.top
-            if layer.kind == "relu" and self.steps and isinstance(self.steps[-1][1], _Conv) \
-                    and self.steps[-1][1].layer.top == layer.bottoms[0]:
-                self.steps[-1][1].relu = True
+        self.steps: list[tuple[Layer, Callable[..., torch.Tensor]]] = []
+        for layer in model.layers:
+            if layer.kind == "dropout":  # identity at inference
                 continue
-            conv = None
+            last = self.steps[-1][1] if self.steps else None
+            if layer.kind == "relu" and isinstance(last, _Conv) and layer.bottoms == (last.layer.top,):
+                last.relu = True  # the ReLU right after its convolution, in place: a post-op
+                continue
             if layer.kind == "conv":
                 module = model.get_submodule(layer.name)
-                conv = _Conv(layer, module.weight.detach().to(self.dtype).contiguous(),
-                             module.bias.detach().float().contiguous(), relu=False)
-            self.steps.append((layer, conv))
+                op = _Conv(layer, module.weight.detach().to(self.dtype).contiguous(),
+                           module.bias.detach().float().contiguous(), relu=False)
+            elif layer.kind == "relu":
+                op = F.relu_
+            elif layer.kind in ("max_pool", "ave_pool"):
+                op = functools.partial(_pool, layer)
+            else:
+                op = model.get_submodule(layer.name)
+            self.steps.append((layer, op))
+        last_read = {blob: i for i, (layer, _) in enumerate(self.steps) for blob in layer.bottoms}
+        self.free = [[b for b in layer.bottoms if last_read[b] == i and b != layer.top]
+                     for i, (layer, _) in enumerate(self.steps)]
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, 3, H, W) float32 on the CPU → class scores (N, C, h, w) float32."""
         keep_freed_memory()
-        x = x.to(dtype=self.dtype, memory_format=torch.channels_last)  # one pass
-        for layer, conv in self.steps:
-            if conv is not None:
-                x = conv(x)
-            elif layer.kind == "relu":
-                x = F.relu_(x)
-            else:
-                x = _pool(layer, x)
-        return x.float()
+        blobs = {"data": x.to(dtype=self.dtype, memory_format=torch.channels_last)}  # cast and laid out in one pass
+        for (layer, op), free in zip(self.steps, self.free):
+            blobs[layer.top] = op(*(blobs[b] for b in layer.bottoms))
+            for blob in free:
+                del blobs[blob]
+        return blobs[self.steps[-1][0].top].float()

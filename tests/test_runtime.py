@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deeplab_cli import allocator
+from deeplab_cli import allocator, runtime
 from deeplab_cli.pipeline import Segmenter
 from deeplab_cli.allocator import keep_freed_memory
 from deeplab_cli.runtime import PackedNetwork
@@ -17,9 +17,11 @@ def preprocessed(height: int, width: int, seed: int = 0) -> torch.Tensor:
     return torch.randn((1, 3, height, width), generator=torch.Generator().manual_seed(seed)) * 60
 
 
-@pytest.mark.parametrize("arch, size", [("largefov", (65, 49)), ("largefov", (60, 47)), ("deeplab", (50, 66))])
+@pytest.mark.parametrize("arch, size", [("largefov", (65, 49)), ("largefov", (60, 47)), ("deeplab", (50, 66)),
+                                        ("msc-largefov", (65, 57)), ("msc-largefov", (60, 47))])
 def test_fp32_gives_the_eager_scores_and_labels(arch: str, size: tuple[int, int]) -> None:
-    """Padded sizes (8k+1 / 16k+2) pool without ceil mode, others with it: both match eager PyTorch."""
+    """Padded sizes (8k+1 / 16k+2) pool without ceil mode, others with it; the multi-scale graph (branches, crops,
+    sum) runs as the model's: all match eager PyTorch."""
     model = random_model(arch, seed=3)
     x = preprocessed(*size)
     with torch.inference_mode():
@@ -45,7 +47,7 @@ def test_bf16_keeps_bf16_weights_and_float32_scores() -> None:
     x = preprocessed(65, 65)
     with torch.inference_mode():
         out, ref = net(x), model(x)
-    convs = [conv for _, conv in net.steps if conv is not None]
+    convs = [op for _, op in net.steps if isinstance(op, runtime._Conv)]
     assert len(convs) == 16 and all(c.weight.dtype == torch.bfloat16 and c.bias.dtype == torch.float32 for c in convs)
     assert sum(c.relu for c in convs) == 15  # every convolution but fc8 carries its ReLU
     assert out.dtype == torch.float32
