@@ -30,7 +30,7 @@ from .errors import UsageError
 from .io import decode_image, decode_photo, encode_mask_png, is_image_path, read_bytes
 from .model import ARCHS, DeepLab
 from .palette import load_class_names
-from .peers import choose_runtimes, missing
+from .peers import RECORD_MIN_SIDE, choose_runtimes, missing
 from .pipeline import Segmenter, select_device, torch_dtype
 from .precision import check_precision
 from .resolution import DEFAULT_MAX_SIDE, downscale, working_size
@@ -585,8 +585,8 @@ def run_benchmark(opts: BenchmarkOptions, log: Callable[[str], None] | None = No
             report["recommended"] = {key: best[key] for key in ("precision", "channels_last", "packed", "runtime")}
             report["recommended"]["agreement_threshold"] = AGREEMENT_THRESHOLD
             if device.type == "cpu":
-                report["runtime_choice"] = choose_runtimes(variants, {"size": list(opts.size),
-                                                                     "batch_size": opts.batch_size})
+                report["runtime_choice"] = choose_runtimes(variants, {"size": list(opts.size), "batch_size":
+                                                                     opts.batch_size}, min(opts.size) >= RECORD_MIN_SIDE)
     else:
         images = [fit_image(decode_image(data, name), opts.size) for name, data in source.batch(0, 1)]
 

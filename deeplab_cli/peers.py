@@ -8,8 +8,9 @@ The export (`export_onnx`, `deeplab export --format onnx`) has dynamic batch and
 OpenVINO reproduce our fp32 scores within ~1e-6 relative (tests/test_peers.py checks 1e-4). OpenVINO compiles
 the model once per input shape. `auto` stays on our runtime (PackedNetwork) unless `deeplab benchmark` measured a
 peer faster on this CPU, thread count and precision with labels as good as ours (fp32: identical to eager
-PyTorch; bf16: agreeing with fp32 at least as often as our bf16): it records that choice in the cache
-directory (runtime-choice.json), and `auto` follows the record while the peer is installed.
+PyTorch; bf16: agreeing with fp32 at least as often as our bf16), timed on photo-sized inputs (both sides ≥
+RECORD_MIN_SIDE: on tiny ones per-call overheads decide): it records that choice in the cache directory
+(runtime-choice.json), and `auto` follows the record while the peer is installed.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .precision import PEERS, RUNTIMES
 from .weightfiles.cache import cache_dir
 
 CHOICE_FILE = "runtime-choice.json"
+RECORD_MIN_SIDE = 256  # pixels: benchmarks on smaller inputs report a choice but do not record it
 
 
 def onnx_bytes(model: DeepLab) -> bytes:
@@ -160,9 +162,10 @@ def resolve_runtime(runtime: str, device_type: str, precision: str) -> str:
     return runtime
 
 
-def choose_runtimes(variants: list[dict], context: dict) -> dict[str, str]:
+def choose_runtimes(variants: list[dict], context: dict, record: bool = True) -> dict[str, str]:
     """From `deeplab benchmark`'s timed CPU variants (dicts of precision, packed, runtime, network.median_ms,
-    agreement): per precision, the runtime `auto` should use here, recorded with its evidence and context.
+    agreement): per precision, the runtime `auto` should use here, recorded (record=True) with its evidence and
+    context.
 
     A peer wins only when it was faster than PackedNetwork in the same run with labels as good: identical to
     eager fp32 for fp32, agreeing with fp32 at least as often as ours for bf16.
@@ -179,6 +182,8 @@ def choose_runtimes(variants: list[dict], context: dict) -> dict[str, str]:
                     and v["network"]["median_ms"] < best["network"]["median_ms"]:
                 best = v
         chosen[precision] = best["runtime"]
+        if not record:
+            continue
         record_runtime(precision, best["runtime"], {
             "network_ms": best["network"]["median_ms"], "ours_ms": ours["network"]["median_ms"],
             "agreement": best["agreement"], **context, "measured": time.strftime("%Y-%m-%d %H:%M:%S")})

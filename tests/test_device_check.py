@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_device_check_quick_writes_the_reports_and_the_log(tmp_path: Path) -> None:
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, DEEPLAB_CACHE=str(tmp_path / "cache"))
     res = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh"), "--quick"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

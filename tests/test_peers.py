@@ -112,3 +112,14 @@ def test_auto_follows_what_the_benchmark_measured_with_equal_labels(tmp_path: Pa
     monkeypatch.setenv("DEEPLAB_CACHE", str(tmp_path))
     choose_runtimes([variant("fp32", "torch", 80, 1.0), variant("fp32", "onnxruntime", 90, 1.0)], {})
     assert resolve_runtime("auto", "cpu", "fp32") == "torch"  # a later measurement overrides the record
+
+
+def test_benchmarks_on_tiny_inputs_report_but_do_not_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEEPLAB_CACHE", str(tmp_path))
+    chosen = choose_runtimes([variant("fp32", "torch", 14, 1.0), variant("fp32", "onnxruntime", 5, 1.0)],
+                             {"size": [33, 41]}, record=False)
+    assert chosen == {"fp32": "onnxruntime"} and not (tmp_path / peers.CHOICE_FILE).exists()
+    res = cli("benchmark", "--fps", "--no-crf", "--size", "33x41", "--iters", "1", "--warmup", "0", "--device", "cpu",
+              "--json")
+    assert res.exit_code == 0, res.output
+    assert "runtime_choice" in json.loads(res.stdout) and not (tmp_path / peers.CHOICE_FILE).exists()

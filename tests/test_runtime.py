@@ -68,7 +68,7 @@ def test_freed_memory_is_kept_once_on_glibc(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_segmenter_runs_packed_on_the_cpu_unless_asked_not_to() -> None:
     model = random_model("largefov")
-    packed = Segmenter(model, device="cpu", crf=None)
+    packed = Segmenter(model, device="cpu", crf=None)  # --runtime auto, nothing recorded in the test cache
     eager = Segmenter(model, device="cpu", crf=None, packed=False)
     assert isinstance(packed.network, PackedNetwork) and eager.network is None
     x = preprocessed(49, 57)
