@@ -7,7 +7,9 @@ enclosing simplex (ties to even, pydensecrf's rank and tie rule), same barycentr
 α = 1/(1+2⁻ᵈ), even the lattice points pydensecrf's SSE code creates for the zero-feature padding of
 its last block of 4 pixels. A vertex is keyed by its remainder r and its 0-coloured lattice point in
 units of d+1, packed in mixed radix (int32 for usual images and σ); deduplication is one stable sort of
-these keys (no hash table), blur neighbours are found by binary search in the sorted keys. Splat, blur
+these keys (no hash table); vertices are numbered in the order points first reach them (as pydensecrf's
+hash table numbers them), so that the splat and the slice read memory nearly in order; blur neighbours are
+found by binary search in the sorted keys, one remainder class at a time (sorted queries). Splat, blur
 and slice are weighted gathers (`embedding_bag`: on the CPU 2–3× faster than sparse matrix products and
 far faster than index_add_), vectorised over labels, with no Python loop over pixels or lattice points
 and no host round trip in the iterations; blurs gather only the neighbours that exist (about half of
@@ -23,7 +25,7 @@ it is cached per process (CACHE_BYTES). Several images of any sizes share one la
 image index is part of the key.
 
 Memory (float32; N pixels, C labels, m lattice points per kernel, m ≤ (d+1)·N): mean field keeps four
-(N, C) tensors; each kernel's splat and slice lists take 8·(d+1)·N bytes, its blur ≤ 4·(2d+3)·m bytes;
+(N, C) tensors; each kernel's splat and slice lists take 8·(d+1)·N bytes, its blur ≤ 12·(d+1)·m bytes;
 filtering a chunk of c labels needs ≈ 4·c·(4·Σm + 2N) bytes, and labels are chunked (exactly: they are
 filtered independently) so that this stays under CHUNK_BYTES (2 GiB). For 2048×1024 with 21 labels
 (N = 2.1 M): four (N, 21) tensors 0.7 GB, splat/slice lists 0.3 GB, blurs ≤ 1 GB in the worst case
