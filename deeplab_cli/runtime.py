@@ -17,7 +17,7 @@ fp32 keeps eager fp32's arithmetic (the same oneDNN kernels; 1×1 convolutions d
 labels are those of eager PyTorch and Caffe. bf16 keeps the weights in bf16 once instead of re-casting all
 20.5 M of them per call (as autocast does); biases and the scores stay float32.
 
-CPU only: on CUDA the pipeline runs the eager model (cuDNN packs nothing per call).
+CPU only: on CUDA the pipeline runs the eager model with autocast, as before (Segmenter).
 """
 
 from __future__ import annotations
