@@ -287,6 +287,9 @@ class BatchRun:
             raise
         finally:
             self.wall = time.perf_counter() - t0
+            if install:  # from here a Ctrl-C must not raise inside the pools' shutdown (their finalizers)
+                with contextlib.suppress(ValueError, TypeError):
+                    signal.signal(signal.SIGINT, self._on_sigint_while_closing)
             if not clean:
                 self._stop.set()
             aborting = self._aborting
@@ -297,8 +300,13 @@ class BatchRun:
             self._crf_pool.shutdown(wait=not aborting)
             if install:
                 with contextlib.suppress(ValueError, TypeError):
-                    if signal.getsignal(signal.SIGINT) == self._on_sigint:
+                    if signal.getsignal(signal.SIGINT) in (self._on_sigint, self._on_sigint_while_closing):
                         signal.signal(signal.SIGINT, self._previous_sigint)
+
+    def _on_sigint_while_closing(self, signum: int, frame: Any) -> None:
+        """A Ctrl-C while the run closes: nothing new starts any more, so it only marks the run interrupted."""
+        self.interrupted = True
+        self._abort()
 
     def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
         """Run a stage thread; a bug in it reaches the consumer as an exception instead of a hang."""
@@ -586,8 +594,7 @@ def run_batch(segmenter: Segmenter, jobs: Iterable[Job], **options: Any) -> Batc
     True; only in the main thread), on_interrupt (called from the signal handler), use_crf (False: skip the
     segmenter's CRF), keep_labels_before_crf (full-size labels_before_crf of photos at a working resolution
     even when the CRF runs; always made when it does not), max_bytes (bound on the bytes of images in flight;
-    default a quarter of the available memory, between 256 MiB and 2 GiB).  Results arrive in
-    completion order; failures are results with status 'failed' and a one-line error, never exceptions.
-    jobs may be a lazy iterable; at most a few batches' worth of images are decoded ahead.
+    default a quarter of the available memory, between 256 MiB and 2 GiB). Results arrive in completion order;
+    failures are results with status 'failed' and a one-line error, never exceptions. jobs may be lazy.
     """
     return BatchRun(segmenter, jobs, **options)
