@@ -1,13 +1,13 @@
 """Memory pre-flight: estimate what one image will need and refuse up front instead of an OOM kill.
 
-The estimate is linear in pixels, with coefficients from `benchmarks/large_photos.py --full-res`: peak
-RSS of `deeplab segment --max-side none` (LargeFOV, 21 classes, torch CRF) was 0.99 / 1.16 / 1.58 /
-2.25 GB at 0.2 / 0.5 / 1 / 2 MP, i.e. ~0.85 GB + ~700 B per pixel; the estimate below gives 0.9 / 1.1 /
-1.6 / 2.5 GB there, erring on the safe side. The network's peak is
-VGG's conv1 block at full resolution (64 + 64 float32 channels plus oneDNN's reorders), the ×8
-upsampled scores and softmax are C float32 maps each, the CRF holds a few C-channel float32 maps and
-its lattices. Available memory is MemAvailable (and the cgroup's limit) on the CPU, free memory on a
-CUDA device; `$DEEPLAB_MEMORY_LIMIT` (e.g. `2G`, `512M`) caps it, which tests use.
+The estimate is linear in pixels, with coefficients from `benchmarks/large_photos.py --full-res`: peak RSS
+of `deeplab segment --max-side none` (LargeFOV, 21 classes, torch CRF, packed CPU network with freed memory
+kept for reuse) was 1.10 / 1.38 / 1.97 / 2.94 GB at 0.2 / 0.5 / 1 / 2 MP, i.e. ~0.85 GB + ~1,050 B per
+pixel; the estimate below gives 1.17 / 1.53 / 2.11 / 3.27 GB there, erring on the safe side. The network's
+peak is VGG's conv1 block at full resolution (64 + 64 float32 channels plus oneDNN's reorders), the ×8
+upsampled scores and softmax are C float32 maps each, the CRF holds a few C-channel float32 maps and its
+lattices. Available memory is MemAvailable (and the cgroup's limit) on the CPU, free memory on a CUDA
+device; `$DEEPLAB_MEMORY_LIMIT` (e.g. `2G`, `512M`) caps it, which tests use.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 from .errors import DeeplabError
 
 MEMORY_LIMIT_ENV = "DEEPLAB_MEMORY_LIMIT"
-BASE_BYTES = 700 << 20  # interpreter, torch, weights and their packed copies
-NETWORK_BYTES_PER_PIXEL = {"largefov": 900, "deeplab": 900}  # of the padded input, fp32
+BASE_BYTES = 900 << 20  # interpreter, torch, weights and their packed copies
+NETWORK_BYTES_PER_PIXEL = {"largefov": 1150, "deeplab": 1150}  # of the padded input, fp32
 CLASS_MAP_BYTES_PER_PIXEL = 4 * 4  # per class: upsampled scores, softmax, numpy copy, CRF unary
 CRF_BYTES_PER_PIXEL = 24  # per class and pixel: Q, messages, lattice buffers (torch backend, the larger)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
