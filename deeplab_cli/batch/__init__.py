@@ -2,7 +2,7 @@
 dataset through the same engine). One module per job:
 
 - `inputs`: discovery of images (folders, globs, lists), output names, resumability checks (pure);
-- `engine`: the streaming pipeline (`run_batch`, `BatchRun`, `ImageResult`);
+- `engine`: the streaming pipeline (`run_batch`, `BatchRun`); `results`: `ImageResult` and the written outputs;
 - `crf_pool`: the CRF executor (worker processes or one thread), shared with folder `refine`;
 - `videos`: a video's frames through the engine, label/overlay videos in frame order, resume (`segment_video`);
 - `tree`: what the command does with a planned tree: skip, stream, report, summarise (`segment_tree`);
@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from ..stages import BATCH_STAGES as STAGES
 from .crf_pool import CRFPool, mp_context
-from .engine import BatchRun, ImageResult, run_batch, skipped_result
+from .engine import BatchRun, run_batch
+from .results import ImageResult, skipped_result
 from .inputs import (
     MASK_SUFFIX,
     OVERLAY_SUFFIX,

@@ -39,7 +39,7 @@ from ..palette import load_class_names
 from ..precision import check_precision
 from ..resolution import DEFAULT_MAX_SIDE
 from ..stages import BATCH_STAGES
-from .engine import ImageResult
+from .results import ImageResult
 from .inputs import Job
 from .ray_stages import AttemptLedger, NetworkStage, crf_and_write, decode_rows, refine_pydensecrf, refine_torch_cpu
 

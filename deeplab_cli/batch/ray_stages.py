@@ -38,7 +38,7 @@ from ..io import decode_photo
 from ..numpy_transforms import probs_from_scores
 from ..resolution import downscale, upsample_labels, working_size
 from ..storage import URL, is_url, read_bytes
-from .engine import error_text, write_outputs
+from .results import error_text, write_outputs
 from .inputs import OutputPaths
 
 Batch = dict[str, np.ndarray]

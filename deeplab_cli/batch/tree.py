@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import UsageError
 from ..io import atomic_path
 from ..stages import BATCH_STAGES as STAGES
-from .engine import ImageResult, run_batch, skipped_result
+from .engine import run_batch
+from .results import ImageResult, skipped_result
 from .inputs import Job, VideoJob, is_complete, remove_stale_parts
 from .videos import VideoResult, process_video
 

@@ -52,7 +52,8 @@ from ..video import (
     is_video_path,
     probe_video,
 )
-from .engine import report_line, run_batch
+from .engine import run_batch
+from .results import report_line
 from .inputs import Job, OutputPaths, VideoJob, VideoOutputs, remove_stale_parts
 
 if TYPE_CHECKING:
