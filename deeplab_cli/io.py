@@ -156,10 +156,7 @@ def decode_photo(data: bytes, name: str = "<image>", max_side: int | None = None
             if width * height > Image.MAX_IMAGE_PIXELS:
                 raise DeeplabError(f"{name}: image too large ({width}×{height} = {width * height / 1e6:.0f} MP; "
                                    f"the limit is {Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP)")
-            if im.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS:
-                full = (width, height)  # displayed rotated by 90°: (H, W) = stored (W, H)
-            else:
-                full = (height, width)
+            full = _displayed_size(im)
             if max_side is not None and im.format in ("JPEG", "MPO"):
                 h, w = working_size(height, width, max_side)
                 if (h, w) != (height, width):
@@ -213,11 +210,15 @@ def photo_size(path: str | os.PathLike) -> tuple[int, int] | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                width, height = im.size
-                rotated = im.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS
+                return _displayed_size(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
-    return (width, height) if rotated else (height, width)
+
+
+def _displayed_size(im: Image.Image) -> tuple[int, int]:
+    """(H, W) of an opened image as displayed: EXIF orientations 5–8 turn it by 90°, swapping the sides."""
+    width, height = im.size
+    return (width, height) if im.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS else (height, width)
 
 
 def read_image(source: str | os.PathLike) -> np.ndarray:

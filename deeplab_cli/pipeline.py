@@ -179,19 +179,21 @@ class Segmenter:
 
     def check_memory(self, height: int, width: int) -> None:
         """Refuse in one line (DeeplabError) when an image of height × width would not fit in memory."""
-        work = self.working_size(height, width)
-        need = estimate_bytes(self.arch.name, self.num_classes, self.input_size(*work), work, self.crf is not None)
+
+        def need(max_side: int | None) -> int:
+            work = working_size(height, width, max_side)
+            return estimate_bytes(self.arch.name, self.num_classes, self.input_size(*work), work, self.crf is not None)
+
         have = available_bytes(self.device.type, self.device.index)
-        if need <= have:
+        if need(self.max_side) <= have:
             return
+        work = self.working_size(height, width)
         lo, hi = 1, max(work)  # the largest --max-side that fits
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            w = working_size(height, width, mid)
-            fits = estimate_bytes(self.arch.name, self.num_classes, self.input_size(*w), w, self.crf is not None) <= have
-            lo, hi = (mid, hi) if fits else (lo, mid - 1)
-        raise DeeplabError(f"needs about {format_bytes(need)} of memory at {work[1]}×{work[0]} on {self.device}, "
-                           f"{format_bytes(have)} available; use --max-side {lo} or smaller")
+            lo, hi = (mid, hi) if need(mid) <= have else (lo, mid - 1)
+        raise DeeplabError(f"needs about {format_bytes(need(self.max_side))} of memory at {work[1]}×{work[0]} on "
+                           f"{self.device}, {format_bytes(have)} available; use --max-side {lo} or smaller")
 
     def segment(self, image: np.ndarray, size: tuple[int, int] | None = None) -> Segmentation:
         """The whole pipeline for one image (H, W, 3) uint8 RGB → labels (H, W) after the CRF (or without one).
