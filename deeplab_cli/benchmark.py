@@ -288,7 +288,7 @@ def available_crf_backends() -> dict[str, str | None]:
             if backend == "pydensecrf":
                 import pydensecrf.densecrf  # noqa: F401
             else:
-                from .permutohedral import dense_crf_torch  # noqa: F401
+                from .meanfield import dense_crf_torch  # noqa: F401
             status[backend] = None
         except Exception as exc:  # noqa: BLE001 - a half-written or broken module fails in many ways
             status[backend] = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -134,7 +134,7 @@ crf_options = _stack(
     click.option("--pos-w", type=float, default=None, help="Gaussian kernel weight w2 [3]."),
     click.option("--pos-xy", type=float, default=None, help="Gaussian σγ, pixels [3]."),
     click.option("--crf-backend", type=click.Choice(list(BACKENDS)), default="auto", show_default=True,
-                 help="CRF implementation (auto: torch; pydensecrf for CPU worker pools in batch/evaluate)."),
+                 help="CRF implementation (auto: torch, i.e. ours; pydensecrf in CPU worker pools if the compiled kernels are missing)."),
 )
 
 

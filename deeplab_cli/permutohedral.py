@@ -1,59 +1,43 @@
-"""The fully connected CRF of pydensecrf (Krähenbühl's densecrf v2.2) in pure PyTorch, on any device.
+"""The Gaussian filters of pydensecrf (Krähenbühl's densecrf v2.2) in PyTorch, on any device: permutohedral lattices
+and the CRF's two kernels on them. The mean field that uses them is `meanfield.py`.
 
-The Gaussian filters run on a permutohedral lattice (Adams et al. 2010) built as `permutohedral.cpp`
-builds it, float32 operation by operation: same elevation and scale factors, same rounding to the
-enclosing simplex (ties to even, pydensecrf's rank and tie rule), same barycentric weights, same blur
-(v + ½(n₋ + n₊) along each of the d+1 directions in turn, absent neighbours counting 0), same slice factor
-α = 1/(1+2⁻ᵈ), even the lattice points pydensecrf's SSE code creates for the zero-feature padding of
-its last block of 4 pixels. A vertex is keyed by its remainder r and its 0-coloured lattice point in
-units of d+1, packed in mixed radix (int32 for usual images and σ); deduplication is one stable sort of
-these keys (no hash table); vertices are numbered in the order points first reach them (as pydensecrf's
-hash table numbers them), so that the splat and the slice read memory nearly in order; blur neighbours are
-found by binary search in the sorted keys, one remainder class at a time (sorted queries). Splat, blur
-and slice are weighted gathers (`embedding_bag`: on the CPU 2–3× faster than sparse matrix products and
-far faster than index_add_), vectorised over labels, with no Python loop over pixels or lattice points
-and no host round trip in the iterations; blurs gather only the neighbours that exist (about half of
-them in the bilateral lattice). Mean field follows `DenseCRF::inference`: Q₀ = softmax(−U), then per
-iteration Q = softmax(−U + Σₖ wₖ·nₖ∘Kₖ(nₖ∘Q)) over the Gaussian and bilateral Potts kernels, with
-symmetric normalisation nₖ = 1/√(Kₖ·1) (K includes each pixel's own contribution, as in pydensecrf).
-The softmax runs in base 2 (log₂e is folded into the slice weights; exp2 is ~3× faster than exp on the
-CPU) and subtracts a per-pixel bound computed once instead of each iteration's row maximum: the
-messages of a pixel sum to the same Σₖ wₖ·nₖ∘Kₖ(nₖ) whatever Q is, so max log₂p + that sum bounds the
-logits from above, within 2^100 of their maximum (else, or for negative weights, the exact row maximum is
-subtracted each iteration). The position-only (Gaussian) kernel depends only on the image sizes and σ:
-it is cached per process (CACHE_BYTES). Several images of any sizes share one lattice per kernel: the
-image index is part of the key.
+The lattice (Adams et al. 2010) is built as `permutohedral.cpp` builds it, float32 operation by operation:
+same elevation and scale factors, same rounding to the enclosing simplex (ties to even, pydensecrf's rank and
+tie rule), same barycentric weights, same blur (v + ½(n₋ + n₊) along each of the d+1 directions in turn,
+absent neighbours counting 0), same slice factor α = 1/(1+2⁻ᵈ), even the lattice points pydensecrf's SSE
+code creates for the zero-feature padding of its last block of 4 pixels. A vertex is keyed by its remainder r
+and its 0-coloured lattice point in units of d+1, packed in mixed radix (int32 for usual images and σ);
+deduplication is one stable sort of these keys (no hash table); vertices are numbered in the order points
+first reach them (as pydensecrf's hash table numbers them), so that the splat and the slice read memory
+nearly in order; blur neighbours are found by binary search in the sorted keys, one remainder class at a
+time (sorted queries). Splat, blur and slice are weighted gathers (`embedding_bag`: on the CPU 2–3× faster
+than sparse matrix products and far faster than index_add_), vectorised over labels; blurs gather only the
+neighbours that exist (about half of them in the bilateral lattice). A kernel folds pydensecrf's symmetric
+normalisation n = 1/√(K·1) into its weights (K includes each pixel's own contribution, as in pydensecrf).
+The position-only (Gaussian) kernel depends only on the image sizes and σ: it is cached per process
+(CACHE_BYTES). Several images of any sizes share one lattice per kernel: the image index is part of the key.
 
-Memory (float32; N pixels, C labels, m lattice points per kernel, m ≤ (d+1)·N): mean field keeps four
-(N, C) tensors; each kernel's splat and slice lists take 8·(d+1)·N bytes, its blur ≤ 12·(d+1)·m bytes;
-filtering a chunk of c labels needs ≈ 4·c·(4·Σm + 2N) bytes, and labels are chunked (exactly: they are
-filtered independently) so that this stays under CHUNK_BYTES (2 GiB). For 2048×1024 with 21 labels
-(N = 2.1 M): four (N, 21) tensors 0.7 GB, splat/slice lists 0.3 GB, blurs ≤ 1 GB in the worst case
-m = (d+1)·N (0.02 GB measured), filtering ≤ 2 GB, a cached Gaussian kernel ≤ CACHE_BYTES: under
-4.5 GB in the worst case. Larger images do not fail for lack of buffer memory: only the label chunk
-shrinks (down to one label per pass); what remains grows linearly: 16·C·N + 72·N bytes plus the blurs.
+Memory (N pixels, m lattice points per kernel, m ≤ (d+1)·N): each kernel's splat and slice lists take
+8·(d+1)·N bytes, its blur ≤ 12·(d+1)·m bytes; a cached Gaussian kernel ≤ CACHE_BYTES.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .allocator import keep_freed_memory
-from .unary import UNARY_CLIP, check_image, check_probs
+from . import native
 
-CHUNK_BYTES = 2 << 30  # cap on the value buffers of one filtering pass (labels are chunked to fit)
 CACHE_BYTES = 256 << 20  # cap on the Gaussian kernels kept for images of sizes seen before
 MAX_KEY = 1 << 62  # packed lattice keys must fit in int64
-LOG2E = 1.4426950408889634  # the mean field works with log₂ probabilities
-SHIFT_RANGE = 100.0  # log₂ units: how far below the precomputed shift a pixel's largest logit may lie
 
 
 def _index_dtype(*sizes: int) -> torch.dtype:
@@ -99,39 +83,102 @@ class LatticeBlur:
 class Lattice:
     """A permutohedral lattice over n points with m vertices: the splat, blur and slice maps as weighted index lists.
 
-    The splat lists may hold extra entries of weight 0 (point 0) for vertices that only pydensecrf's padding
-    points create: they exist, take part in the blur, and start at 0.
+    The splat lists (each vertex's points and weights, for torch's gathers) are built on first use: the compiled
+    CPU kernels splat from the points' own lists. They may hold extra entries of weight 0 (point 0) for vertices
+    that only pydensecrf's padding points create: they exist, take part in the blur, and start at 0.
     """
 
-    splat_points: torch.Tensor  # (e,) the point of each (point, vertex) pair, grouped by vertex, points in order
-    splat_weights: torch.Tensor  # (e,) float32 its barycentric weight
-    splat_bounds: torch.Tensor  # (m+1,) where each vertex's pairs start
     vertices: torch.Tensor  # (n, d+1) each point's simplex vertices
     barycentric: torch.Tensor  # (n, d+1) float32 its barycentric weights on them
     blur: LatticeBlur
     alpha: float  # pydensecrf's slice factor 1/(1+2⁻ᵈ)
+    m: int
+    group: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # → every entry (padding points' too) grouped by vertex
+    # (points in order) and each vertex's entry count
+    entry_weights: torch.Tensor  # (e,) float32 every entry's barycentric weight, 0 for padding points
+    point_scale: torch.Tensor | None = None  # (n,) float32 a factor on each point's splat weights (the kernel's n)
+    _splat: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def n(self) -> int:
         return self.vertices.shape[0]
 
     @property
-    def m(self) -> int:
-        return self.splat_bounds.shape[0] - 1
-
-    @property
     def d(self) -> int:
         return self.vertices.shape[1] - 1
 
+    @property
+    def splat_lists(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(points (e,), weights (e,) float32, bounds (m+1,)): each vertex's entries, points in order."""
+        if self._splat is None:
+            order, counts = self.group()
+            itype = self.vertices.dtype
+            points = torch.div(order.to(itype), self.d + 1, rounding_mode="floor").clamp_(max=max(self.n - 1, 0))
+            weights = self.entry_weights.index_select(0, order)
+            if self.point_scale is not None:
+                weights *= self.point_scale.index_select(0, points)
+            self._splat = points, weights, _csr_bounds(counts.to(itype), itype)
+        return self._splat
+
+    def scale_points(self, scale: torch.Tensor) -> None:
+        """Multiply each point's splat weights by scale (n,) float32."""
+        self.point_scale = scale if self.point_scale is None else self.point_scale * scale
+        self._splat = None
+
     def splat(self, values: torch.Tensor) -> torch.Tensor:
         """values (n, C) → lattice values (m, C): each point's value spread on its vertices by barycentric weight."""
-        return _bags(self.splat_points, values, self.splat_bounds, self.splat_weights)
+        points, weights, bounds = self.splat_lists
+        return _bags(points, values, bounds, weights)
 
     def filter(self, values: torch.Tensor) -> torch.Tensor:
         """Splat → blur → slice: values (n, C) → (n, C), the lattice's approximation of Σⱼ k(fᵢ, fⱼ) vⱼ (k(f, f) = 1)."""
+        slice_weights = (self.barycentric * self.alpha).reshape(-1)
+        if values.shape[1] == 1 and (out := self._filter_natively(values, slice_weights)) is not None:
+            return out
         lattice_values = self.blur(self.splat(values))
         bounds = torch.arange(0, self.vertices.numel() + 1, self.d + 1, device=values.device, dtype=self.vertices.dtype)
-        return _bags(self.vertices.reshape(-1), lattice_values, bounds, (self.barycentric * self.alpha).reshape(-1))
+        return _bags(self.vertices.reshape(-1), lattice_values, bounds, slice_weights)
+
+    def _filter_natively(self, values: torch.Tensor, slice_weights: torch.Tensor) -> torch.Tensor | None:
+        """`filter` of one channel (n, 1) by _lattice.c on the CPU (torch's gathers spend most of their time on
+        overhead there); None where that does not apply."""
+        lib = native.library()
+        if lib is None or values.device.type != "cpu" or self.vertices.dtype != torch.int32:
+            return None
+        values, out = values.to(torch.float32).contiguous(), torch.empty_like(values, dtype=torch.float32)
+        index = (ctypes.c_void_p * (self.d + 1))(*[t.data_ptr() for t in self.blur.neighbours])
+        bounds = (ctypes.c_void_p * (self.d + 1))(*[t.data_ptr() for t in self.blur.bounds])
+        scale = self.point_scale.data_ptr() if self.point_scale is not None else None
+        if lib.deeplab_lattice_filter(self.n, self.d + 1, self.m, values.data_ptr(), self.vertices.data_ptr(),
+                                      self.barycentric.data_ptr(), scale, index, bounds, slice_weights.data_ptr(),
+                                      out.data_ptr()) != 0:
+            return None
+        return out
+
+
+def _elevation(d: int) -> tuple[list[float], float]:
+    """pydensecrf's float32 constants for d features: the scale of each feature and 1/(d+1)."""
+    inv_std_dev = float(np.float32(math.sqrt(2.0 / 3.0) * (d + 1)))
+    scale = [float(np.float32(1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev)) for i in range(d)]
+    return scale, float(np.float32(1.0) / np.float32(d + 1))
+
+
+def _simplices_natively(features: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """`_enclosing_simplices` by _lattice.c, point-major: zero (n, d) int32, place (n, d+1) uint8, bary (n, d+1)
+    float32, and zero's least and largest value per coordinate (d,) int64; None where it does not apply."""
+    lib = native.library()
+    n, d = features.shape
+    if lib is None or d > native.MAX_FEATURES or _index_dtype(n * (d + 1) + 1) != torch.int32:
+        return None
+    scale, down = _elevation(d)
+    features, scale_t = features.to(torch.float32).contiguous(), torch.tensor(scale, dtype=torch.float32)
+    zero, lo, hi = torch.empty((n, d), dtype=torch.int32), torch.empty(d, dtype=torch.int32), torch.empty(d, dtype=torch.int32)
+    place, bary = torch.empty((n, d + 1), dtype=torch.uint8), torch.empty((n, d + 1), dtype=torch.float32)
+    if lib.deeplab_lattice_simplices(features.data_ptr(), n, d, scale_t.data_ptr(), down, zero.data_ptr(),
+                                     place.data_ptr(), bary.data_ptr(), lo.data_ptr(), hi.data_ptr(),
+                                     torch.get_num_threads()) != 0:
+        return None
+    return zero, place, bary, lo.long(), hi.long()
 
 
 def _enclosing_simplices(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -146,9 +193,7 @@ def _enclosing_simplices(features: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     d1 = d + 1
     dev = features.device
     f = features.t().contiguous()
-    inv_std_dev = float(np.float32(math.sqrt(2.0 / 3.0) * d1))
-    scale = [float(np.float32(1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev)) for i in range(d)]
-    down = float(np.float32(1.0) / np.float32(d1))
+    scale, down = _elevation(d)
 
     # Elevate onto the plane Σx = 0 of R^{d+1} (E·f, p. 5 in Adams et al. 2010).
     elevated = torch.empty((d1, n), dtype=torch.float32, device=dev)
@@ -238,16 +283,22 @@ def _blur_neighbours(keys: torch.Tensor, strides: list[int], number: torch.Tenso
         q[first_zero:] += d + d1 * (s - sum(strides))
         at = torch.searchsorted(keys, q.to(keys.dtype)).clamp_(max=m - 1)
         found = torch.nonzero(keys[at] == q)[:, 0]
-        a, b = class_number[found].long(), number[at[found]].long()  # b = minus(a) ⇔ a = plus(b)
-        has_minus = torch.zeros(m, dtype=itype, device=dev).index_fill_(0, a, 1)
-        has_plus = torch.zeros(m, dtype=itype, device=dev).index_fill_(0, b, 1)
-        bound = _csr_bounds(has_minus + has_plus, itype)
-        index = torch.empty(int(bound[-1]), dtype=itype, device=dev)
-        index[bound[a].long()] = b.to(itype)  # each bag: its − neighbour first, then its + neighbour
-        index[(bound[b] + has_minus[b]).long()] = a.to(itype)
+        index, bound = _neighbour_bags(class_number[found].long(), number[at[found]].long(), m, itype)
         neighbours.append(index)
         bounds.append(bound)
     return LatticeBlur(neighbours, bounds)
+
+
+def _neighbour_bags(a: torch.Tensor, b: torch.Tensor, m: int, itype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One direction's pairs b = minus(a) ⇔ a = plus(b) (int64) → each vertex's present neighbours, − then +, and
+    where each vertex's bag starts: (index, bounds (m+1,)) of itype."""
+    has_minus = torch.zeros(m, dtype=itype, device=a.device).index_fill_(0, a, 1)
+    has_plus = torch.zeros(m, dtype=itype, device=a.device).index_fill_(0, b, 1)
+    bound = _csr_bounds(has_minus + has_plus, itype)
+    index = torch.empty(int(bound[-1]), dtype=itype, device=a.device)
+    index[bound[a].long()] = b.to(itype)
+    index[(bound[b] + has_minus[b]).long()] = a.to(itype)
+    return index, bound
 
 
 def build_lattice(features: torch.Tensor, image_ids: torch.Tensor | None = None, extra: torch.Tensor | None = None,
@@ -265,28 +316,58 @@ def build_lattice(features: torch.Tensor, image_ids: torch.Tensor | None = None,
     if extra is not None and len(extra):
         features, image_ids = torch.cat([features, extra]), torch.cat([image_ids, extra_ids])
     total = features.shape[0]
-    zero, place, bary = _enclosing_simplices(features)
+    simplices = _simplices_natively(features) if dev.type == "cpu" else None
+    if simplices is None:
+        zero, place, bary = _enclosing_simplices(features)
+        zero_lo, zero_hi = zero.amin(1), zero.amax(1)
+    else:
+        zero, place, bary, zero_lo, zero_hi = simplices
 
     # Mixed radix per coordinate, wide enough for the vertices (zero − 1) and their blur neighbours (± 1 more).
-    lo = zero.amin(1, keepdim=True) - 2
-    zero -= lo
-    radix = [int(x) + 2 for x in zero.amax(1).tolist()]
+    lo = zero_lo - 2
+    radix = [int(x) + 4 for x in (zero_hi - zero_lo).tolist()]
     image_stride = math.prod(radix)
     n_images = int(image_ids.max()) + 1 if total else 1
     if image_stride * n_images * d1 >= MAX_KEY:
         raise ValueError("CRF σ too small for this image: permutohedral lattice keys would exceed 64 bits")
     strides = [math.prod(radix[c + 1 :]) for c in range(d)]
-    key_type = torch.int32 if image_stride * n_images * d1 < 2**31 else torch.int64  # int32 sorts twice as fast
-    keys = _vertex_keys(zero, place, image_ids, strides, image_stride, key_type)
+    if simplices is None:
+        key_type = torch.int32 if image_stride * n_images * d1 < 2**31 else torch.int64  # int32 sorts twice as fast
+        keys = _vertex_keys(zero - lo[:, None], place, image_ids, strides, image_stride, key_type)
+        bary_pm = bary.t().contiguous()  # point-major (total, d+1)
+    else:
+        keys = torch.empty(total * d1, dtype=torch.int64)
+        images, offsets, steps = (t.contiguous() for t in (image_ids.to(torch.int64), lo, torch.tensor(strides + [0])))
+        native.library().deeplab_lattice_keys(zero.data_ptr(), place.data_ptr(), images.data_ptr(), total, d,
+                                              offsets.data_ptr(), steps.data_ptr(), image_stride, keys.data_ptr())
+        bary_pm = bary
+    del zero, place
 
+    structure = _number_natively(keys, strides) if dev.type == "cpu" else None
+    if structure is None:
+        structure = _number_with_torch(keys, strides)
+    del keys
+    vertices, group, blur, m = structure
+    bary_pm[n:] = 0.0  # padding points splat nothing (on some point, with weight 0)
+    alpha = float(np.float32(1.0) / (np.float32(1.0) + np.float32(2.0**-d)))
+    return Lattice(vertices.view(total, d1)[:n], bary_pm[:n], blur, alpha, m, group, bary_pm.view(-1))
+
+
+# Each entry's vertex number (total·(d+1),), the grouping of the entries by vertex, the blur, the vertex count.
+_Structure = tuple[torch.Tensor, Callable[[], tuple[torch.Tensor, torch.Tensor]], LatticeBlur, int]
+
+
+def _number_with_torch(keys: torch.Tensor, strides: list[int]) -> _Structure:
+    """Point-major vertex keys (total·(d+1),) → each entry's vertex number (first touch order), the entries grouped
+    by vertex (points in order) with each vertex's entry count, the blur neighbours; with torch on any device."""
+    dev = keys.device
     # Deduplicate: sort the keys (stable: a vertex's entries stay in point order, as the C++ splat adds them).
     sorted_keys, order = torch.sort(keys, stable=True)
-    del keys
     lattice_keys, vertex_of_sorted, counts = torch.unique_consecutive(sorted_keys, return_inverse=True,
                                                                       return_counts=True)
     del sorted_keys
     m = lattice_keys.numel()
-    itype = _index_dtype(total * d1 + 1, m + 1)
+    itype = _index_dtype(keys.numel() + 1, m + 1)
     # Number the vertices in the order points first reach them (as pydensecrf's hash table does): the splat
     # then reads points, and the slice lattice rows, in nearly increasing order (12 % faster iterations).
     starts = torch.cumsum(counts, 0) - counts
@@ -294,39 +375,47 @@ def build_lattice(features: torch.Tensor, image_ids: torch.Tensor | None = None,
     number = torch.empty(m, dtype=itype, device=dev).scatter_(0, first_touch, torch.arange(m, dtype=itype, device=dev))
     counts = counts.index_select(0, first_touch)
     shift = (torch.cumsum(counts, 0) - counts).index_select(0, number) - starts  # each vertex's move, in key order
-    vertices = torch.empty(total * d1, dtype=itype, device=dev).scatter_(0, order,
+    vertices = torch.empty(keys.numel(), dtype=itype, device=dev).scatter_(0, order,
                                                                          number.index_select(0, vertex_of_sorted))
     moved = shift.index_select(0, vertex_of_sorted).add_(torch.arange(order.numel(), device=dev))
     order = torch.empty_like(order).scatter_(0, moved, order)  # grouped by vertex number, points still in order
     del moved, starts, shift, vertex_of_sorted
-    bary_pm = bary.t().contiguous()  # point-major (total, d+1)
-    bary_pm[n:] = 0.0  # padding points splat nothing (on some point, with weight 0)
-    splat_weights = bary_pm.view(-1).index_select(0, order)
-    splat_points = torch.div(order.to(itype), d1, rounding_mode="floor").clamp_(max=max(n - 1, 0))
-    del order
-    alpha = float(np.float32(1.0) / (np.float32(1.0) + np.float32(2.0**-d)))
     blur = _blur_neighbours(lattice_keys, strides, number, itype)
-    return Lattice(splat_points, splat_weights, _csr_bounds(counts.to(itype), itype), vertices.view(total, d1)[:n],
-                   bary_pm[:n], blur, alpha)
+    return vertices, lambda: (order, counts), blur, m
 
 
-def _as_image(image: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB, numpy or tensor → tensor on device; ValueError otherwise."""
-    check_image(image)
-    t = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
-    return t.to(device)
+def _number_natively(keys: torch.Tensor, strides: list[int]) -> _Structure | None:
+    """`_number_with_torch` by _lattice.c's hash table, on the CPU; None where it does not apply (no compiled
+    library, indices over int32, no memory)."""
+    lib = native.library()
+    count, d1 = keys.numel(), len(strides) + 1
+    if lib is None or _index_dtype(count + 1) != torch.int32:
+        return None
+    keys = keys.to(torch.int64).contiguous()
+    vertex_of = torch.empty(count, dtype=torch.int32)
+    m = ctypes.c_int64()
+    table = lib.deeplab_lattice_number(keys.data_ptr(), count, vertex_of.data_ptr(), ctypes.byref(m))
+    if not table:
+        return None
+    steps = torch.tensor(strides + [0], dtype=torch.int64)  # held: C reads them during the call
+    neighbour_bounds = torch.empty((d1, m.value + 1), dtype=torch.int32)
+    neighbours = torch.empty((d1, 2 * m.value), dtype=torch.int32)
+    sizes = torch.empty(d1, dtype=torch.int64)
+    try:
+        if lib.deeplab_lattice_neighbours(table, d1, steps.data_ptr(), neighbour_bounds.data_ptr(),
+                                          neighbours.data_ptr(), sizes.data_ptr()) != 0:
+            return None
+    finally:
+        lib.deeplab_lattice_free(table)
+    blur = LatticeBlur([neighbours[j, :size] for j, size in enumerate(sizes.tolist())], list(neighbour_bounds))
 
+    def group() -> tuple[torch.Tensor, torch.Tensor]:
+        bounds, order = torch.empty(m.value + 1, dtype=torch.int32), torch.empty(count, dtype=torch.int32)
+        if lib.deeplab_lattice_group(vertex_of.data_ptr(), count, m.value, bounds.data_ptr(), order.data_ptr()) != 0:
+            raise MemoryError("not enough memory to group the CRF lattice's entries")
+        return order, bounds.diff()
 
-def _as_probs(probs: np.ndarray | torch.Tensor, hw: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """(C, H, W) floating probabilities, numpy or tensor → float32 tensor on device; ValueError if bad."""
-    t = torch.from_numpy(np.asarray(probs)) if isinstance(probs, np.ndarray) else probs
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"probabilities must be a numpy array or a tensor, got {type(probs).__name__}")
-    t = t.to(device=device, dtype=torch.float32) if t.is_floating_point() else t
-    check_probs(t, hw)
-    return t
-
-
+    return vertex_of, group, blur, m.value
 
 
 def _divide(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -371,19 +460,30 @@ class Kernel:
 
     lattice: Lattice  # its splat weights already multiplied by their point's n
     slice_weights: torch.Tensor  # (n, d+1) float32 barycentric·α·n
+    norm: torch.Tensor  # (n,) float32 n
+    ones: torch.Tensor | None = None  # (n,) float32 n∘K(n∘1), once computed
 
     @classmethod
     def of(cls, lattice: Lattice) -> "Kernel":
         ones = torch.ones((lattice.n, 1), dtype=torch.float32, device=lattice.vertices.device)
         norm = 1.0 / torch.sqrt(lattice.filter(ones)[:, 0] + 1e-20)
-        lattice.splat_weights = lattice.splat_weights * norm.index_select(0, lattice.splat_points)
-        return cls(lattice, lattice.barycentric * lattice.alpha * norm[:, None])
+        lattice.scale_points(norm)
+        return cls(lattice, lattice.barycentric * lattice.alpha * norm[:, None], norm)
+
+    def of_ones(self) -> torch.Tensor:
+        """n∘K(n∘1): (n,) float32, a point's message when Q ≡ 1 (per unit weight); kept (the Gaussian kernel is
+        cached)."""
+        if self.ones is None:
+            ones = torch.ones((self.lattice.n, 1), dtype=torch.float32, device=self.norm.device)
+            self.ones = self.lattice.filter(ones)[:, 0] * self.norm
+        return self.ones
 
     def nbytes(self) -> int:
         """Memory held by its tensors, in bytes."""
         lat = self.lattice
-        tensors = [lat.splat_points, lat.splat_weights, lat.splat_bounds, lat.vertices, lat.barycentric,
-                   self.slice_weights, *lat.blur.neighbours, *lat.blur.bounds]
+        tensors = [lat.vertices, lat.entry_weights, self.slice_weights, self.norm, *lat.blur.neighbours,
+                   *lat.blur.bounds, *(lat._splat or ())]
+        tensors += [self.ones] if self.ones is not None else []
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -405,147 +505,3 @@ def position_kernel(shapes: Sequence[tuple[int, int]], sxy: float, device: torch
         while sum(k.nbytes() for k in _position_kernels.values()) > CACHE_BYTES:
             _position_kernels.popitem(last=False)
     return kernel
-
-
-class _Pairwise:
-    """Σₖ wₖ·nₖ∘Kₖ(nₖ∘q)·log₂e over the Potts kernels: minus the pairwise energy, in log₂ units.
-
-    Each kernel splats and blurs on its own lattice, into one value table; the slices of all kernels are one
-    weighted gather (each point's bag holds its simplex vertices in every lattice).
-    """
-
-    def __init__(self, kernels: Sequence[Kernel], weights: Sequence[float], chunk_bytes: int | None = None):
-        n = kernels[0].lattice.n
-        dev = kernels[0].slice_weights.device
-        rows = [k.lattice.m for k in kernels]
-        self.row_starts = [sum(rows[:k]) for k in range(len(rows) + 1)]
-        total_d1 = sum(k.lattice.d + 1 for k in kernels)
-        itype = _index_dtype(n * total_d1 + 1, self.row_starts[-1])
-        self.lattices = [k.lattice for k in kernels]
-        self.slice_index = torch.cat([k.lattice.vertices.to(itype) + r for k, r in zip(kernels, self.row_starts)],
-                                     dim=1).reshape(-1)
-        self.slice_weights = torch.cat([k.slice_weights * (w * LOG2E) for k, w in zip(kernels, weights)],
-                                       dim=1).reshape(-1)
-        self.slice_bounds = torch.arange(0, n * total_d1 + 1, total_d1, dtype=itype, device=dev)
-        # Labels are filtered independently: chunk them so the value buffers stay under chunk_bytes.
-        per_label = 4 * (4 * self.row_starts[-1] + 2 * n)
-        self.labels_per_pass = max(1, (chunk_bytes or CHUNK_BYTES) // per_label)
-
-    def __call__(self, q: torch.Tensor) -> torch.Tensor:
-        """q (N, C) float32 → the summed messages (N, C)."""
-        c, step = q.shape[1], self.labels_per_pass
-        if step >= c:
-            return self._messages(q)
-        return torch.cat([self._messages(q[:, i : i + step].contiguous()) for i in range(0, c, step)], dim=1)
-
-    def _messages(self, q: torch.Tensor) -> torch.Tensor:
-        table = q.new_empty((self.row_starts[-1], q.shape[1]))
-        for lat, a, b in zip(self.lattices, self.row_starts, self.row_starts[1:]):
-            lat.blur(lat.splat(q), out=table[a:b])
-        return _bags(self.slice_index, table, self.slice_bounds, self.slice_weights)
-
-
-def dense_crf_torch_batch(
-    images: Sequence[np.ndarray | torch.Tensor],
-    probs: Sequence[np.ndarray | torch.Tensor],
-    *,
-    iterations: int = 10,
-    pos_w: float = 3.0,
-    pos_xy: float = 3.0,
-    bi_w: float = 4.0,
-    bi_xy: float = 121.0,
-    bi_rgb: float = 5.0,
-    device: str | torch.device | None = None,
-) -> list[torch.Tensor]:
-    """Dense CRF on several images at once: images (H, W, 3) uint8 RGB, probs (C, H, W) → Q (C, H, W) float32 each.
-
-    Images may differ in size; those with the same number of labels share one lattice per kernel (the image
-    index is part of the lattice key, so images never share lattice points) and one mean-field loop.
-    device: where to compute (None: the device of the first tensor in probs, else the CPU). ValueError for bad
-    shapes or dtypes, NaN/inf probabilities, non-positive σ, or σ so small the lattice keys overflow 64 bits.
-    """
-    if len(images) != len(probs):
-        raise ValueError(f"{len(images)} images but {len(probs)} probability maps")
-    if iterations < 0:
-        raise ValueError(f"CRF iterations must be ≥ 0, got {iterations}")
-    for name, s in (("pos σxy", pos_xy), ("bilateral σxy", bi_xy), ("bilateral σrgb", bi_rgb)):
-        if not (math.isfinite(s) and s > 0):
-            raise ValueError(f"CRF {name} must be a positive number, got {s}")
-    if device is None:
-        device = next((p.device for p in probs if isinstance(p, torch.Tensor)), torch.device("cpu"))
-    device = torch.device(device)
-    if device.type == "cpu":
-        keep_freed_memory()  # its set-up allocates tens of large temporaries per call
-    ims = [_as_image(im, device) for im in images]
-    ps = [_as_probs(p, tuple(im.shape[:2]), device) for p, im in zip(probs, ims)]
-    out: list[torch.Tensor | None] = [None] * len(ims)
-    for c in sorted({p.shape[0] for p in ps}):
-        group = [i for i, p in enumerate(ps) if p.shape[0] == c]
-        qs = _mean_field([ims[i] for i in group], [ps[i] for i in group], iterations, pos_w, pos_xy, bi_w, bi_xy, bi_rgb)
-        for i, q in zip(group, qs):
-            out[i] = q
-    return out  # type: ignore[return-value]
-
-
-def dense_crf_torch(
-    image: np.ndarray | torch.Tensor,
-    probs: np.ndarray | torch.Tensor,
-    *,
-    iterations: int = 10,
-    pos_w: float = 3.0,
-    pos_xy: float = 3.0,
-    bi_w: float = 4.0,
-    bi_xy: float = 121.0,
-    bi_rgb: float = 5.0,
-    device: str | torch.device | None = None,
-) -> torch.Tensor:
-    """Dense CRF as pydensecrf computes it: image (H, W, 3) uint8 RGB, probs (C, H, W) → Q (C, H, W) float32 on device."""
-    return dense_crf_torch_batch([image], [probs], iterations=iterations, pos_w=pos_w, pos_xy=pos_xy, bi_w=bi_w,
-                                 bi_xy=bi_xy, bi_rgb=bi_rgb, device=device)[0]
-
-
-def _normalise(x: torch.Tensor) -> torch.Tensor:
-    """Logits in log₂ units (N, C), shifted so that exp2 neither overflows nor underflows → their softmax, in place."""
-    x.exp2_()
-    return x.div_(torch.mv(x, x.new_ones(x.shape[1]))[:, None])  # a matrix-vector product sums rows 1.7× faster
-
-
-def _mean_field(images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor], iterations: int, pos_w: float,
-                pos_xy: float, bi_w: float, bi_xy: float, bi_rgb: float) -> list[torch.Tensor]:
-    """`DenseCRF::inference` on images with the same label count C: → Q (C, H, W) per image."""
-    c = probs[0].shape[0]
-    shapes = [(im.shape[0], im.shape[1]) for im in images]
-    sizes = [h * w for h, w in shapes]
-    # (N, C) pixel-major like the C++ code's column-major (labels, pixels) matrices; log₂ p = −U / ln 2. Its
-    # row maximum is log₂ of p's maximum (log₂ is monotone), taken over labels in the (C, N) layout: 6× faster.
-    log_p = torch.empty((sum(sizes), c), dtype=torch.float32, device=probs[0].device)
-    start = 0
-    for p, n in zip(probs, sizes):
-        torch.clamp(p.reshape(c, n).t(), min=UNARY_CLIP, out=log_p[start : start + n])
-        start += n
-    log_p.log2_()
-    top = torch.cat([p.reshape(c, -1).amax(0) for p in probs]).clamp_(min=UNARY_CLIP).log2_()[:, None]
-    q = _normalise(log_p - top)
-    terms = [(w, sxy, srgb) for w, sxy, srgb in ((pos_w, pos_xy, None), (bi_w, bi_xy, bi_rgb)) if w != 0]
-    if iterations and c > 1 and terms:
-        dev = log_p.device
-        kernels = [position_kernel(shapes, sxy, dev) if srgb is None
-                   else Kernel.of(_image_lattice(_features(shapes, sxy, images, srgb), sizes))
-                   for _, sxy, srgb in terms]
-        pairwise = _Pairwise(kernels, [w for w, _, _ in terms])
-        del kernels
-        exact = min(w for w, _, _ in terms) < 0
-        if not exact:  # a pixel's messages sum to its message for Q ≡ 1 whatever Q is: that bounds each of them
-            bound = pairwise(torch.ones((len(log_p), 1), dtype=torch.float32, device=dev))
-            exact = bool(bound.max() > SHIFT_RANGE)
-        unary = log_p if exact else log_p.sub_(top.add_(bound))
-        for _ in range(iterations):
-            x = pairwise(q).add_(unary)
-            if exact:
-                x -= x.amax(1, keepdim=True)
-            q = _normalise(x)
-    out, start = [], 0
-    for p, n in zip(probs, sizes):
-        out.append(q[start : start + n].t().reshape(p.shape).contiguous())
-        start += n
-    return out

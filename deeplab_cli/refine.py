@@ -320,7 +320,7 @@ def refine_folder(
 def crf_runtime(backend: str, device: str, in_pool: bool = False) -> tuple[str, str]:
     """Resolve (backend, device) for the CRF (in_pool: folders, run by CRF worker processes)."""
     if backend == "auto" and in_pool and (device or "auto").strip().lower() == "cpu":
-        return "pydensecrf", "cpu"  # no torch import (seconds) where it would not be used
+        return resolve_backend(backend, "cpu", in_pool), "cpu"  # the workers run it: no torch import here
     from .pipeline import select_device
 
     resolved = str(select_device(device))

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from deeplab_cli import native
 from deeplab_cli.crf import PRESETS, CRFParams, dense_crf, resolve_backend, unary_from_probs
 
 
@@ -79,14 +80,17 @@ def test_bad_inputs_are_clear_errors(image: np.ndarray, probs: np.ndarray, match
         dense_crf(image, probs)
 
 
-def test_parameter_validation_and_backends() -> None:
+def test_parameter_validation_and_backends(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="σ"):
         CRFParams(bi_xy=0).validate()
     assert CRFParams().with_overrides(bi_w=7, bi_xy=None).bi_w == 7
     assert resolve_backend("auto", "cuda:0") == "torch"
     assert resolve_backend("auto", "cpu") == "torch"  # alone on the CPU, the faster
-    assert resolve_backend("auto", "cpu", in_pool=True) == "pydensecrf"  # in single-threaded worker processes
+    assert resolve_backend("auto", "cpu", in_pool=True) == "torch"  # in single-threaded workers too (compiled)
     assert resolve_backend("auto", "cuda", in_pool=True) == "torch"
+    monkeypatch.setattr(native, "library", lambda: None)  # installed without the compiled kernels
+    assert resolve_backend("auto", "cpu", in_pool=True) == "pydensecrf"
+    assert resolve_backend("auto", "cpu") == "torch"
     assert resolve_backend("pydensecrf", "cuda") == "pydensecrf"
     with pytest.raises(ValueError, match="backend"):
         resolve_backend("gpu")

@@ -14,7 +14,7 @@ from helpers import cli, one_line_error
 from PIL import Image
 
 from deeplab_cli.crf import PRESETS, dense_crf_pydensecrf
-from deeplab_cli.permutohedral import dense_crf_torch
+from deeplab_cli.meanfield import dense_crf_torch
 from deeplab_cli.pipeline import Segmenter
 from deeplab_cli.testing import random_model, random_smooth_probs
 from deeplab_cli.transforms import to_tensor

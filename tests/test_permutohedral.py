@@ -1,4 +1,5 @@
-"""The PyTorch dense CRF (permutohedral.py) against pydensecrf itself, on real photos with smooth unaries."""
+"""Our dense CRF (permutohedral.py's lattices, meanfield.py's two loops) against pydensecrf itself, on real photos
+with smooth unaries."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import torch
 from helpers import cli
 from PIL import Image
 
-from deeplab_cli import permutohedral
+from deeplab_cli import meanfield, native, permutohedral
 from deeplab_cli.crf import PRESETS, CRFParams, dense_crf, dense_crf_pydensecrf
-from deeplab_cli.permutohedral import dense_crf_torch, dense_crf_torch_batch
+from deeplab_cli.meanfield import dense_crf_torch, dense_crf_torch_batch
 from deeplab_cli.testing import random_smooth_probs
 
 SETTINGS = {"largefov": PRESETS["largefov"], "deeplab": PRESETS["deeplab"]}  # bi 4/121/5 and 5/50/10, gauss 3/3
@@ -23,6 +24,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["native", "torch"])
+def loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The CRF under test: with the compiled CPU kernels (the CPU default) or all torch (CUDA's, and the fallback)."""
+    if request.param == "torch":
+        monkeypatch.setattr(native, "library", lambda: None)
+    else:
+        assert native.library() is not None, "the compiled CPU kernels (deeplab_cli/_native) were not built at install"
+    return request.param
 
 
 def small_photo(name: str, size: tuple[int, int] = (181, 121)) -> np.ndarray:
@@ -49,7 +60,7 @@ def assert_matches(q: np.ndarray, ref: np.ndarray) -> None:
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 @pytest.mark.parametrize("labels", [2, 5, 21])
 @pytest.mark.parametrize("photo_name", ["chelsea", "coffee", "astronaut"])
-def test_matches_pydensecrf_on_photos(photo_name: str, labels: int, setting: str) -> None:
+def test_matches_pydensecrf_on_photos(photo_name: str, labels: int, setting: str, loop: str) -> None:
     image = small_photo(photo_name)
     probs = random_smooth_probs(*image.shape[:2], labels, seed=labels)
     params = SETTINGS[setting]
@@ -59,14 +70,14 @@ def test_matches_pydensecrf_on_photos(photo_name: str, labels: int, setting: str
 
 
 @pytest.mark.parametrize("iterations", [0, 1, 3])
-def test_matches_pydensecrf_at_every_iteration_count(iterations: int) -> None:
+def test_matches_pydensecrf_at_every_iteration_count(iterations: int, loop: str) -> None:
     image = small_photo("coffee", (64, 48))
     probs = random_smooth_probs(48, 64, 4, seed=1)
     params = PRESETS["largefov"].with_overrides(iterations=iterations)
     assert_matches(torch_q(image, probs, params), dense_crf_pydensecrf(image, probs, params))
 
 
-def test_reproduces_pydensecrf_sse_padding_lattice_points() -> None:
+def test_reproduces_pydensecrf_sse_padding_lattice_points(loop: str) -> None:
     """pydensecrf's SSE code pads the last block of 4 pixels with zero features, which still create lattice
     points; on a dark image with a bright first pixel they change Q by ~0.07 unless reproduced."""
     rng = np.random.default_rng(1)
@@ -78,7 +89,7 @@ def test_reproduces_pydensecrf_sse_padding_lattice_points() -> None:
 
 
 @pytest.mark.parametrize("shape", [(37, 1), (1, 23), (1, 1), (2, 2)])
-def test_thin_and_tiny_images(shape: tuple[int, int]) -> None:
+def test_thin_and_tiny_images(shape: tuple[int, int], loop: str) -> None:
     rng = np.random.default_rng(2)
     image = rng.integers(0, 256, (*shape, 3)).astype(np.uint8)
     probs = rng.dirichlet(np.ones(3), shape).transpose(2, 0, 1).astype(np.float32)
@@ -96,14 +107,14 @@ def test_one_label_gives_certainty() -> None:
     np.testing.assert_array_equal(q, 1.0)
 
 
-def test_uniform_image() -> None:
+def test_uniform_image(loop: str) -> None:
     image = np.full((50, 70, 3), 128, np.uint8)
     probs = random_smooth_probs(50, 70, 5, seed=3)
     params = PRESETS["largefov"]
     assert_matches(torch_q(image, probs, params), dense_crf_pydensecrf(image, probs, params))
 
 
-def test_tiny_sigma_isolates_pixels() -> None:
+def test_tiny_sigma_isolates_pixels(loop: str) -> None:
     """With σ → 0 every pixel is alone on the lattice: the normalised message is w·Q, so Q ← softmax(log p + w·Q)."""
     image = small_photo("astronaut", (30, 20))
     probs = random_smooth_probs(20, 30, 4, seed=4)
@@ -166,7 +177,7 @@ def test_bad_shapes_and_dtypes_are_rejected(image: np.ndarray, probs: np.ndarray
         dense_crf_torch(image, probs)
 
 
-def test_batch_equals_single_image_calls() -> None:
+def test_batch_equals_single_image_calls(loop: str) -> None:
     """Images of different sizes (and label counts) in one call give what they give one by one."""
     images = [small_photo("chelsea", (60, 45)), small_photo("coffee", (33, 50)), small_photo("astronaut", (1, 17)),
               small_photo("astronaut", (40, 40))]
@@ -191,7 +202,7 @@ def test_label_chunking_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     image = small_photo("chelsea", (64, 48))
     probs = random_smooth_probs(48, 64, 7, seed=6)
     whole = dense_crf_torch(image, probs)
-    monkeypatch.setattr(permutohedral, "CHUNK_BYTES", 100_000)
+    monkeypatch.setattr(meanfield, "CHUNK_BYTES", 100_000)  # also too small for the compiled loop's tables
     torch.testing.assert_close(dense_crf_torch(image, probs), whole, atol=1e-6, rtol=0)
 
 
@@ -224,13 +235,14 @@ def test_weights_outside_the_precomputed_shift_subtract_the_row_maximum(params: 
     image = small_photo("chelsea", (64, 48))
     probs = random_smooth_probs(48, 64, 5, seed=8)
     shifted = []
-    original = permutohedral._normalise
+    monkeypatch.setattr(native, "library", lambda: None)  # the torch loop: _normalise each iteration
+    original = meanfield._normalise
 
     def spy(x: torch.Tensor) -> torch.Tensor:
         shifted.append(float(x.max()))
         return original(x)
 
-    monkeypatch.setattr(permutohedral, "_normalise", spy)
+    monkeypatch.setattr(meanfield, "_normalise", spy)
     q = torch_q(image, probs, params)
     assert max(shifted[1:]) == 0.0  # every iteration's logits had their row maximum subtracted
     ref = dense_crf_pydensecrf(image, probs, params)
@@ -239,3 +251,49 @@ def test_weights_outside_the_precomputed_shift_subtract_the_row_maximum(params: 
     q = torch_q(image, probs, PRESETS["largefov"])
     assert max(shifted[1:]) < 0.0
     assert np.abs(q - dense_crf_pydensecrf(image, probs, PRESETS["largefov"])).max() <= 1e-4
+
+
+@pytest.mark.parametrize("params", [CRFParams(pos_w=-2.0, bi_w=4.0), PRESETS["largefov"]], ids=["exact", "shifted"])
+@pytest.mark.parametrize("labels", [3, 8, 21, 33, 64, 70])
+def test_compiled_loop_matches_the_torch_loop(labels: int, params: CRFParams, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Label counts around the compiled loop's vector blocks (of 8 labels, up to 64; over 64 it hands over to
+    torch), either softmax shift, one and two threads: the two loops agree to float rounding."""
+    image = small_photo("coffee", (45, 31))
+    probs = random_smooth_probs(31, 45, labels, seed=labels)
+    used = []
+    native_loop = meanfield._native_loop
+    monkeypatch.setattr(meanfield, "_native_loop", lambda *a: used.append(r := native_loop(*a)) or r)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        results.append(torch_q(image, probs, params))
+    assert all((q is not None) == (labels <= 64) for q in used)
+    monkeypatch.setattr(native, "library", lambda: None)
+    ref = torch_q(image, probs, params)
+    for q in results:
+        assert np.abs(q - ref).max() <= 1e-5 and (q.argmax(0) == ref.argmax(0)).all()
+
+
+@pytest.mark.parametrize("sigmas", [(121.0, 5.0), (3.0, None), (2.0, 2.0)], ids=["bilateral", "position", "fine"])
+def test_compiled_lattice_equals_the_torch_lattice(sigmas: tuple[float, float | None]) -> None:
+    """_lattice.c computes the simplices with pydensecrf's arithmetic and numbers, groups and links the vertices
+    exactly as the torch version does: two images of odd sizes (pydensecrf's padding points included) give
+    identical lattices, bit for bit."""
+    images = [small_photo("astronaut", (241, 147)), small_photo("coffee", (33, 29))]
+    shapes = [im.shape[:2] for im in images]
+    features = permutohedral._features(shapes, sigmas[0], [torch.from_numpy(im) for im in images], sigmas[1])
+    sizes = [h * w for h, w in shapes]
+    built = permutohedral._image_lattice(features, sizes)
+    library = native.library
+    native.library = lambda: None
+    try:
+        reference = permutohedral._image_lattice(features, sizes)
+    finally:
+        native.library = library
+    assert built.m == reference.m
+    for a, b in zip((built.vertices, built.barycentric, *built.splat_lists),
+                    (reference.vertices, reference.barycentric, *reference.splat_lists)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert len(built.blur.neighbours) == len(reference.blur.neighbours) == features.shape[1] + 1
+    for a, b in zip(built.blur.neighbours + built.blur.bounds, reference.blur.neighbours + reference.blur.bounds):
+        assert torch.equal(a, b)

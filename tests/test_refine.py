@@ -253,7 +253,7 @@ def test_crf_runtime_and_torch_backend(tmp_path: Path, scene_files) -> None:
 
     assert crf_runtime("pydensecrf", "auto") == ("pydensecrf", "cpu")
     assert crf_runtime("auto", "cpu") == ("torch", "cpu")
-    assert crf_runtime("auto", "cpu", in_pool=True) == ("pydensecrf", "cpu")
+    assert crf_runtime("auto", "cpu", in_pool=True) == ("torch", "cpu")
     assert crf_runtime("torch", "cpu") == ("torch", "cpu")
     image, probs, gt = scene_files
     res = run("refine", image, probs, "-o", tmp_path / "t.png", "--crf-backend", "torch", "--device", "cpu")
