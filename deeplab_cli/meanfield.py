@@ -144,7 +144,7 @@ def _native_loop(pairwise: _Pairwise, q: torch.Tensor, unary: torch.Tensor, iter
     splats = torch.empty(threads * rows * stride, dtype=torch.float32)  # each thread clears its own
     out = torch.empty((c, n), dtype=torch.float32)
     problem = native.Problem(n=n, c=c, rows=rows, stride=stride, kernels=len(pairwise.lattices),
-                       slice_size=pairwise.slice_index.numel() // n, iterations=iterations, exact=int(exact))
+                             slice_size=pairwise.slice_index.numel() // n, iterations=iterations, exact=int(exact))
     for k, lat in enumerate(pairwise.lattices):
         problem.m[k], problem.row[k], problem.d1[k] = lat.m, pairwise.row_starts[k], lat.d + 1
         for j, (index, bounds) in enumerate(zip(lat.blur.neighbours, lat.blur.bounds)):

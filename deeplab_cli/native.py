@@ -1,8 +1,8 @@
 """The compiled CPU kernels of the dense CRF, plain C built when the package is installed (setup.py) and loaded
-with ctypes: `_lattice.c` (a lattice's vertex numbering, splat grouping and blur neighbours, for
-permutohedral.py) and `_meanfield.c` (the mean-field iterations, for meanfield.py). ctypes releases the GIL
-for each call. Where the library is absent (a platform without a C compiler at install) both callers
-compute the same with torch.
+with ctypes: `_lattice.c` (a lattice's simplices, keys, vertex numbering, entry grouping, blur neighbours and
+one-channel filter, for permutohedral.py) and `_meanfield.c` (the mean-field iterations, for meanfield.py).
+ctypes releases the GIL for each call. Where the library is absent (installed without a C compiler, or a
+source tree never built) both callers compute the same with torch.
 """
 
 from __future__ import annotations
@@ -34,20 +34,6 @@ class Problem(ctypes.Structure):
                 ("blur_bounds", (ctypes.c_void_p * MAX_DIRECTIONS) * MAX_KERNELS),
                 *[(name, ctypes.c_void_p) for name in ("slice_index", "slice_weights", "splat_scale", "unary", "q",
                                                        "out", "table", "spare", "splats")]]
-
-
-@functools.lru_cache(maxsize=None)
-def native_library() -> ctypes.CDLL | None:
-    """The compiled mean-field loop (_meanfield.c, built when the package is installed), or None where it is not."""
-    here = Path(__file__).parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = here / f"_meanfield{suffix}"
-        if path.exists():
-            lib = ctypes.CDLL(str(path))
-            lib.deeplab_mean_field.argtypes = [ctypes.POINTER(_Problem), ctypes.c_int]
-            lib.deeplab_mean_field.restype = ctypes.c_int
-            return lib
-    return None
 
 
 class Hash(ctypes.Structure):
