@@ -109,33 +109,64 @@ fail:
  * (… + Σ_c strides[c]·coordinate_c)·(d+1) + r with coordinates in units of d+1 (strides[d] = 0: the packing
  * leaves the last coordinate out), so neighbour −'s key is key + (d+1)·strides[j] − 1 from r ≥ 1 and
  * key + d + (d+1)·(strides[j] − Σ strides) from r = 0; vertex v is neighbour + of its neighbour −. */
-int deeplab_lattice_neighbours(const Hash *h, int d1, const int64_t *strides, int32_t *bounds, int32_t *index,
-                               int64_t *sizes) {
+typedef struct {
+    const Hash *h;
+    int d1, first, step; /* this thread's directions: first, first + step, … */
+    const int64_t *strides;
+    int32_t *bounds, *index;
+    int64_t *sizes;
+    int failed;
+    pthread_t thread;
+} NeighbourPart;
+
+static void *neighbour_part(void *arg) {
+    NeighbourPart *t = arg;
+    const Hash *h = t->h;
     const int64_t m = h->count;
+    const int d1 = t->d1;
     int32_t *minus = malloc(sizeof(int32_t) * (size_t)(m + 1)), *plus = malloc(sizeof(int32_t) * (size_t)(m + 1));
     if (!minus || !plus) {
         free(minus), free(plus);
-        return -1;
+        t->failed = 1;
+        return NULL;
     }
     int64_t total = 0;
-    for (int j = 0; j < d1; j++) total += strides[j];
-    for (int j = 0; j < d1; j++) {
+    for (int j = 0; j < d1; j++) total += t->strides[j];
+    for (int j = t->first; j < d1; j += t->step) {
         for (int64_t v = 0; v < m; v++) plus[v] = -1;
         for (int64_t v = 0; v < m; v++) {
             const int64_t key = h->by_id[v];
-            minus[v] = find(h, key + (key % d1 ? d1 * strides[j] - 1 : (d1 - 1) + d1 * (strides[j] - total)));
+            minus[v] = find(h, key + (key % d1 ? d1 * t->strides[j] - 1 : (d1 - 1) + d1 * (t->strides[j] - total)));
             if (minus[v] >= 0) plus[minus[v]] = (int32_t)v;
         }
-        int32_t *b = bounds + j * (m + 1), *at = index + j * 2 * m, k = 0;
+        int32_t *b = t->bounds + j * (m + 1), *at = t->index + j * 2 * m, k = 0;
         b[0] = 0;
         for (int64_t v = 0; v < m; v++) {
             if (minus[v] >= 0) at[k++] = minus[v];
             if (plus[v] >= 0) at[k++] = plus[v];
             b[v + 1] = k;
         }
-        sizes[j] = k;
+        t->sizes[j] = k;
     }
     free(minus), free(plus);
+    return NULL;
+}
+
+/* The directions split between up to `threads` threads (those that cannot start: done here); −1: no memory. */
+int deeplab_lattice_neighbours(const Hash *h, int d1, const int64_t *strides, int32_t *bounds, int32_t *index,
+                               int64_t *sizes, int threads) {
+    threads = threads < 1 ? 1 : threads > d1 ? d1 : threads > 16 ? 16 : threads;
+    if (h->count < 8192) threads = 1;
+    NeighbourPart parts[16];
+    for (int t = 0; t < threads; t++) parts[t] = (NeighbourPart){h, d1, t, threads, strides, bounds, index, sizes, 0, 0};
+    int started = 1;
+    for (int t = 1; t < threads; t++, started++)
+        if (pthread_create(&parts[t].thread, NULL, neighbour_part, &parts[t]) != 0) break;
+    for (int t = started; t < threads; t++) neighbour_part(&parts[t]);
+    neighbour_part(&parts[0]);
+    for (int t = 1; t < started; t++) pthread_join(parts[t].thread, NULL);
+    for (int t = 0; t < threads; t++)
+        if (parts[t].failed) return -1;
     return 0;
 }
 
@@ -158,7 +189,8 @@ int deeplab_lattice_group(const int32_t *vertex_of, int64_t count, int64_t verti
  * Σ_r slice_weights[i·d1 + r]·B(S(values))[vertices[i·d1 + r]], S the splat (each point's value times its
  * scale, or 1 where scale is NULL, spread on its vertices by barycentric weight, points in order) and B the
  * blur along the d1 directions (neighbours as deeplab_lattice_neighbours gives them). For the normalisation and
- * the softmax shift: one value per point, where torch's gathers spend most of their time on overhead. */
+ * the softmax shift: one value per point, where torch's gathers spend most of their time on overhead. One
+ * thread: splitting it measured twice as slow (per-thread tables, thread starts per step). −1: no memory. */
 int deeplab_lattice_filter(int64_t n, int d1, int64_t m, const float *values, const int32_t *vertices,
                            const float *bary, const float *scale, const int32_t *const *blur_index,
                            const int32_t *const *blur_bounds, const float *slice_weights, float *out) {
@@ -194,12 +226,14 @@ int deeplab_lattice_filter(int64_t n, int d1, int64_t m, const float *values, co
  * each step is): features (n, d) → zero (n, d) its 0-coloured vertex in units of d+1, place (n, d+1) each
  * coordinate's place in the decreasing order of the residuals, bary (n, d+1) the barycentric weights; lo/hi
  * (d,) the least and largest zero of each coordinate. scale (d,) and down = 1/(d+1) as float32, as the
- * caller computes them. */
-static void simplices(const float *features, int64_t i0, int64_t i1, int d, const float *scale, float down,
-                      int32_t *zero, uint8_t *place, float *bary, int32_t *lo, int32_t *hi) {
+ * caller computes them. −1 if d > MAX_D. One thread: split between two it measured slower inside the CRF (torch's
+ * OpenMP threads still spin on the other core right after its operations). */
+int deeplab_lattice_simplices(const float *features, int64_t n, int d, const float *scale, float down,
+                              int32_t *zero, uint8_t *place, float *bary, int32_t *lo, int32_t *hi) {
     const int d1 = d + 1;
+    if (d > MAX_D) return -1;
     for (int c = 0; c < d; c++) lo[c] = INT32_MAX, hi[c] = INT32_MIN;
-    for (int64_t i = i0; i < i1; i++) {
+    for (int64_t i = 0; i < n; i++) {
         const float *f = features + i * d;
         float elevated[MAX_D + 1], rem0[MAX_D + 1], res[MAX_D + 1], by_place[MAX_D + 1], v[MAX_D + 1];
         float sm = 0.0f;
@@ -246,50 +280,6 @@ static void simplices(const float *features, int64_t i0, int64_t i1, int d, cons
         for (int k = 1; k < d1; k++) w[k] = by_place[k] - by_place[k - 1];
         const float one_minus = 1.0f - by_place[d];
         w[0] = by_place[0] + one_minus;
-    }
-}
-
-typedef struct {
-    const float *features, *scale;
-    float down;
-    int d;
-    int32_t *zero, *lo, *hi;
-    uint8_t *place;
-    float *bary;
-    int64_t i0, i1;
-    pthread_t thread;
-} SimplexPart;
-
-static void *simplex_part(void *arg) {
-    SimplexPart *t = arg;
-    simplices(t->features, t->i0, t->i1, t->d, t->scale, t->down, t->zero, t->place, t->bary, t->lo, t->hi);
-    return NULL;
-}
-
-/* `simplices` over the points split between `threads` threads (fewer if some cannot start); −1 if d > MAX_D. */
-int deeplab_lattice_simplices(const float *features, int64_t n, int d, const float *scale, float down,
-                              int32_t *zero, uint8_t *place, float *bary, int32_t *lo, int32_t *hi, int threads) {
-    if (d > MAX_D) return -1;
-    /* at least 8192 points a thread (starting one costs ~50 µs), at most 16 threads */
-    if ((int64_t)threads > n / 8192) threads = (int)(n / 8192);
-    threads = threads < 1 ? 1 : threads > 16 ? 16 : threads;
-    SimplexPart parts[16];
-    int32_t extremes[16][2][MAX_D];
-    int started = 1;
-    for (int t = 0; t < threads; t++)
-        parts[t] = (SimplexPart){features, scale, down, d, zero, extremes[t][0], extremes[t][1], place, bary,
-                                 n * t / threads, n * (t + 1) / threads, 0};
-    for (int t = 1; t < threads; t++, started++)
-        if (pthread_create(&parts[t].thread, NULL, simplex_part, &parts[t]) != 0) break;
-    for (int t = started; t < threads; t++) simplex_part(&parts[t]); /* those that did not start: here */
-    simplex_part(&parts[0]);
-    for (int t = 1; t < started; t++) pthread_join(parts[t].thread, NULL);
-    for (int c = 0; c < d; c++) {
-        lo[c] = INT32_MAX, hi[c] = INT32_MIN;
-        for (int t = 0; t < threads; t++) {
-            lo[c] = extremes[t][0][c] < lo[c] ? extremes[t][0][c] : lo[c];
-            hi[c] = extremes[t][1][c] > hi[c] ? extremes[t][1][c] : hi[c];
-        }
     }
     return 0;
 }

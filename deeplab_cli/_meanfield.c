@@ -3,10 +3,11 @@
  *   1. blur each lattice along its d+1 directions, v + ½·(n₋ + n₊), absent neighbours counting 0, the first
  *      direction reading the threads' splat tables, added up into thread 0's first;
  *   2. per point: slice its simplex vertices, add the unary, softmax in base 2, and (before the last
- *      iteration) splat the new Q straight back into this thread's table, cleared first, for the next one.
+ *      iteration) splat the new Q straight back into this thread's table, cleared first, for the next one;
+ *      before the first iteration the same without messages gives Q₀ = softmax(log p).
  * The splat is a scatter from each point to its vertices (the slice's own index and weights, rescaled per
- * kernel), so Q is read in order and never written back until the end. POSIX threads take chunks of each
- * pass and meet at a barrier between passes.
+ * kernel), so Q is never stored until the end, label-major (the caller's layout). POSIX threads share each
+ * pass (see `take`) and meet at a barrier between passes.
  *
  * Plain C (GNU vector extensions, no Python API), loaded by native.py with ctypes, which releases the GIL for
  * the call; the data layout is native.py's `Problem`. Lattice rows are whole vector blocks (16 + 8 floats for
@@ -44,33 +45,61 @@ typedef struct {
     const int32_t *slice_index;                        /* (n, slice_size) each point's vertex rows, all kernels */
     const float *slice_weights;                        /* (n, slice_size) their slice weights */
     const float *splat_scale;                          /* (slice_size,) splat weight / slice weight per slot */
-    const float *unary;                                /* (n, c) log₂ units, shifted; ≥ stride − c floats after */
-    const float *q;                                    /* (n, c) Q₀; ≥ stride − c floats after */
+    const float *unary;                                /* (n, c) log₂ p, shifted; ≥ stride − c floats after */
     float *out;                                        /* (c, n) Q after the last iteration */
     float *table, *spare;                              /* (rows, stride) each: the blur's ping-pong */
     float *splats;                                     /* (threads, rows, stride) each thread's splat */
 } Problem;
 
-/* Between barriers threads take chunks of a pass's work from `next` (which the barrier resets): the points
- * and vertices do not cost the same everywhere, and a static split left one thread waiting ~15 % of the time. */
+/* A pass's items (points or lattice rows) are split into one contiguous region per thread; a thread takes
+ * chunks from the front of its own region, then from the back of the others' (a static split left one
+ * thread waiting ~15 % of the time; chunks dealt out in turn were slower still: neighbouring pixels, which
+ * share lattice vertices, ended up in different threads' caches and splat tables). */
 #define CHUNK 1024
 
 typedef struct {
     atomic_int waiting, phase;
-    atomic_llong next; /* the first item of a pass not taken yet */
     int threads;
+    atomic_ullong *regions; /* (threads,) each region's first and end item, 32 bits each */
 } Barrier;
 
-static void barrier_wait(Barrier *b) {
+/* Splits [0, total) into the threads' regions. */
+static void deal(Barrier *b, int64_t total) {
+    for (int r = 0; r < b->threads; r++)
+        atomic_store(&b->regions[r], (uint64_t)(total * r / b->threads) << 32 | (uint64_t)(total * (r + 1) / b->threads));
+}
+
+/* Waits for every thread; the last to arrive deals the next pass's `total` items before releasing them. */
+static void barrier_wait(Barrier *b, int64_t total) {
     int phase = atomic_load(&b->phase);
     if (atomic_fetch_sub(&b->waiting, 1) == 1) {
-        atomic_store(&b->next, 0);
+        deal(b, total);
         atomic_store(&b->waiting, b->threads);
         atomic_store(&b->phase, phase + 1);
         return;
     }
     for (int spins = 0; atomic_load(&b->phase) == phase; spins++)
         if (spins > 2000) sched_yield(); /* more threads than free cores: let the others run */
+}
+
+/* Takes the next chunk for thread `id` into [*lo, *hi): 0 once none is left anywhere. */
+static int take(Barrier *b, int id, int64_t *lo, int64_t *hi) {
+    for (int k = 0; k < b->threads; k++) {
+        atomic_ullong *region = &b->regions[(id + k) % b->threads];
+        unsigned long long seen = atomic_load(region);
+        for (;;) {
+            const int64_t first = (int64_t)(seen >> 32), end = (int64_t)(seen & 0xffffffffu);
+            if (first >= end) break;
+            int64_t l = first, h = first + CHUNK < end ? first + CHUNK : end; /* own region: from the front */
+            if (k > 0) l = end - CHUNK > first ? end - CHUNK : first, h = end; /* another's: from the back */
+            const unsigned long long left = k == 0 ? (uint64_t)h << 32 | (uint64_t)end : (uint64_t)first << 32 | (uint64_t)l;
+            if (atomic_compare_exchange_weak(region, &seen, left)) {
+                *lo = l, *hi = h;
+                return 1;
+            }
+        }
+    }
+    return 0;
 }
 
 typedef struct {
@@ -85,12 +114,6 @@ typedef struct {
     int id;
 } Worker;
 
-/* Takes the next chunk of [0, total) into [*lo, *hi): 0 once none is left. */
-static int take(Barrier *b, int64_t total, int64_t *lo, int64_t *hi) {
-    *lo = atomic_fetch_add(&b->next, CHUNK);
-    *hi = *lo + CHUNK < total ? *lo + CHUNK : total;
-    return *lo < total;
-}
 
 
 /* A lattice row of c labels is `wide` blocks of 16 floats and, where c needs it, a `narrow` block of 8 (21
@@ -192,28 +215,17 @@ INLINE void scatter(float *restrict splats, int64_t stride, const int32_t *restr
     for (int64_t j = 0; j < s; j++) add_to(splats + (int64_t)index[j] * stride, w[j] * scale[j], x, wide, narrow);
 }
 
-/* Q₀ of points [p0, p1) splatted into this thread's table. */
-INLINE void splat_points(const Problem *p, float *restrict splats, int64_t p0, int64_t p1, int wide, int narrow) {
-    const int64_t c = p->c, s = p->slice_size;
-    Row x;
-    for (int64_t n = p0; n < p1; n++) {
-        load_row(&x, p->q + n * c, wide, narrow);
-        mask_row(&x, c, wide, narrow, 0.0f);
-        scatter(splats, p->stride, p->slice_index + n * s, p->slice_weights + n * s, p->splat_scale, s, &x, wide,
-                narrow);
-    }
-}
-
-/* Step 2 for points [p0, p1): the new Q, splatted (last = 0) or stored (last = 1). */
-INLINE void update_points(const Problem *p, float *restrict splats, int64_t p0, int64_t p1, int last, int wide,
-                          int narrow) {
+/* Step 2 for points [p0, p1): the new Q, splatted (last = 0) or stored (last = 1). Before the first iteration
+ * (messages = 0) the same without messages: Q₀ = softmax(log p), splatted. */
+INLINE void update_points(const Problem *p, float *restrict splats, int64_t p0, int64_t p1, int messages, int last,
+                          int wide, int narrow) {
     const int64_t c = p->c, s = p->slice_size, stride = p->stride;
     Row x;
     for (int64_t n = p0; n < p1; n++) {
         const int32_t *restrict index = p->slice_index + n * s;
         const float *restrict w = p->slice_weights + n * s;
         load_row(&x, p->unary + n * c, wide, narrow);
-        for (int64_t j = 0; j < s; j++) add_from(&x, w[j], p->table + (int64_t)index[j] * stride, wide, narrow);
+        for (int64_t j = 0; j < s && messages; j++) add_from(&x, w[j], p->table + (int64_t)index[j] * stride, wide, narrow);
         mask_row(&x, c, wide, narrow, -3.0e38f); /* padding: below every label's logit, and exp2 gives 0 */
         if (p->exact) {
             float top = narrow ? max8(x.n) : -3.0e38f;
@@ -245,9 +257,9 @@ static void points_step(const Problem *p, float *splats, int64_t p0, int64_t p1,
     const int wide = (int)(p->stride / 16), narrow = (int)(p->stride % 16 != 0);
     switch ((wide * 2 + narrow) * 3 + (initial ? 2 : last)) {
 #define CASE(W, N)                                                                                 \
-    case (W * 2 + N) * 3: update_points(p, splats, p0, p1, 0, W, N); break;                       \
-    case (W * 2 + N) * 3 + 1: update_points(p, splats, p0, p1, 1, W, N); break;                   \
-    case (W * 2 + N) * 3 + 2: splat_points(p, splats, p0, p1, W, N); break;
+    case (W * 2 + N) * 3: update_points(p, splats, p0, p1, 1, 0, W, N); break;                    \
+    case (W * 2 + N) * 3 + 1: update_points(p, splats, p0, p1, 1, 1, W, N); break;                \
+    case (W * 2 + N) * 3 + 2: update_points(p, splats, p0, p1, 0, 0, W, N); break;
         CASE(0, 1) CASE(1, 0) CASE(1, 1) CASE(2, 0) CASE(2, 1) CASE(3, 0) CASE(3, 1) CASE(4, 0)
 #undef CASE
     }
@@ -305,16 +317,16 @@ static void *run(void *arg) {
     int max_d1 = 0;
     for (int k = 0; k < p->kernels; k++) max_d1 = p->d1[k] > max_d1 ? p->d1[k] : max_d1;
     memset(splats, 0, sizeof(float) * (size_t)plane); /* only this thread writes it until the first barrier */
-    while (take(barrier, p->n, &lo, &hi)) points_step(p, splats, lo, hi, 1, 0);
+    while (take(barrier, w->id, &lo, &hi)) points_step(p, splats, lo, hi, 1, 0);
     for (int it = 0; it < p->iterations; it++) {
         if (threads > 1) {
-            barrier_wait(barrier);
-            while (take(barrier, p->rows, &lo, &hi)) add_splats(p->splats, threads, plane, lo * p->stride, hi * p->stride);
+            barrier_wait(barrier, p->rows);
+            while (take(barrier, w->id, &lo, &hi)) add_splats(p->splats, threads, plane, lo * p->stride, hi * p->stride);
         }
         for (int j = 0; j < max_d1; j++) {
-            barrier_wait(barrier);
+            barrier_wait(barrier, p->rows);
             /* Kernels' vertices numbered one after the other: a chunk may span both. */
-            while (take(barrier, p->rows, &lo, &hi))
+            while (take(barrier, w->id, &lo, &hi))
                 for (int k = 0; k < p->kernels; k++) {
                     const int64_t v0 = lo > p->row[k] ? lo - p->row[k] : 0;
                     const int64_t v1 = hi - p->row[k] < p->m[k] ? hi - p->row[k] : p->m[k];
@@ -326,9 +338,9 @@ static void *run(void *arg) {
                     blur(p->blur_index[k][j], p->blur_bounds[k][j], from, to, p->stride, v0, v1);
                 }
         }
-        barrier_wait(barrier);
+        barrier_wait(barrier, p->n);
         memset(splats, 0, sizeof(float) * (size_t)plane); /* every thread has read it: clear for the next splat */
-        while (take(barrier, p->n, &lo, &hi)) points_step(p, splats, lo, hi, 0, it == p->iterations - 1);
+        while (take(barrier, w->id, &lo, &hi)) points_step(p, splats, lo, hi, 0, it == p->iterations - 1);
     }
     return NULL;
 }
@@ -339,22 +351,24 @@ int deeplab_mean_field(const Problem *p, int threads) {
     if (threads < 1) threads = 1;
     Worker *workers = calloc((size_t)threads, sizeof(Worker));
     pthread_t *ids = calloc((size_t)threads, sizeof(pthread_t));
-    if (!workers || !ids) {
-        free(workers), free(ids);
+    atomic_ullong *regions = calloc((size_t)threads, sizeof(atomic_ullong));
+    if (!workers || !ids || !regions) {
+        free(workers), free(ids), free(regions);
         return -1;
     }
     Team team = {.size = 1};
     atomic_init(&team.go, 0);
-    atomic_init(&team.barrier.next, 0);
+    team.barrier.regions = regions;
     for (int t = 0; t < threads; t++) workers[t] = (Worker){p, &team, t};
     /* The team is whoever started: threads wait for `go` and only then read its size. */
     while (team.size < threads && pthread_create(&ids[team.size], NULL, run, &workers[team.size]) == 0) team.size++;
     team.barrier.threads = team.size;
     atomic_init(&team.barrier.waiting, team.size);
     atomic_init(&team.barrier.phase, 0);
+    deal(&team.barrier, p->n); /* the first pass: Q₀'s splat */
     atomic_store(&team.go, 1);
     run(&workers[0]);
     for (int t = 1; t < team.size; t++) pthread_join(ids[t], NULL);
-    free(workers), free(ids);
+    free(workers), free(ids), free(regions);
     return 0;
 }

@@ -124,21 +124,20 @@ def _has_slack(t: torch.Tensor, extra: int) -> bool:
     return t.is_contiguous() and t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel() + extra) * t.element_size()
 
 
-def _native_loop(pairwise: _Pairwise, q: torch.Tensor, unary: torch.Tensor, iterations: int,
-                 exact: bool) -> torch.Tensor | None:
-    """The iterations on the CPU in _meanfield.c: Q₀, unary (N, C) float32 from `_padded` → Q (C, N), label-major
-    as the caller returns it; None where it does not apply (no library, not the CPU, 64-bit indices, over 64
-    labels, buffers over CHUNK_BYTES)."""
+def _native_loop(pairwise: _Pairwise, unary: torch.Tensor, iterations: int, exact: bool) -> torch.Tensor | None:
+    """The iterations on the CPU in _meanfield.c: the unary, log₂ p shifted per pixel (N, C) float32 from `_padded`
+    → Q (C, N), label-major as the caller returns it (Q₀ = softmax(log p) computed there too); None where it does
+    not apply (no library, not the CPU, 64-bit indices, over 64 labels, buffers over CHUNK_BYTES)."""
     lib = native.library()
-    n, c = q.shape
+    n, c = unary.shape
     stride = native.row_stride(c)
     threads = torch.get_num_threads()
     rows = pairwise.row_starts[-1]
-    if (lib is None or q.device.type != "cpu" or pairwise.slice_index.dtype != torch.int32
+    if (lib is None or unary.device.type != "cpu" or pairwise.slice_index.dtype != torch.int32
             or stride > native.MAX_LABELS or len(pairwise.lattices) > native.MAX_KERNELS
             or any(not 2 <= lat.d + 1 <= native.MAX_DIRECTIONS for lat in pairwise.lattices)
             or 4 * rows * stride * (2 + threads) > CHUNK_BYTES
-            or not all(_has_slack(t, stride - c) for t in (q, unary))):
+            or not _has_slack(unary, stride - c)):
         return None
     table, spare = (torch.empty(rows * stride, dtype=torch.float32) for _ in range(2))
     splats = torch.empty(threads * rows * stride, dtype=torch.float32)  # each thread clears its own
@@ -150,7 +149,7 @@ def _native_loop(pairwise: _Pairwise, q: torch.Tensor, unary: torch.Tensor, iter
         for j, (index, bounds) in enumerate(zip(lat.blur.neighbours, lat.blur.bounds)):
             problem.blur_index[k][j], problem.blur_bounds[k][j] = index.data_ptr(), bounds.data_ptr()
     for name, t in (("slice_index", pairwise.slice_index), ("slice_weights", pairwise.slice_weights),
-                    ("splat_scale", pairwise.splat_scale), ("unary", unary), ("q", q), ("out", out),
+                    ("splat_scale", pairwise.splat_scale), ("unary", unary), ("out", out),
                     ("table", table), ("spare", spare), ("splats", splats)):
         setattr(problem, name, t.data_ptr())
     if lib.deeplab_mean_field(ctypes.byref(problem), threads) != 0:
@@ -239,29 +238,35 @@ def _mean_field(images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor], i
         start += n
     log_p.log2_()
     top = torch.cat([p.reshape(c, -1).amax(0) for p in probs]).clamp_(min=UNARY_CLIP).log2_()[:, None]
-    q = _normalise(torch.sub(log_p, top, out=_padded(sum(sizes), c, native.SLACK, dev)))
     terms = [(w, sxy, srgb) for w, sxy, srgb in ((pos_w, pos_xy, None), (bi_w, bi_xy, bi_rgb)) if w != 0]
-    if iterations and c > 1 and terms:
-        kernels = [position_kernel(shapes, sxy, dev) if srgb is None
-                   else Kernel.of(_image_lattice(_features(shapes, sxy, images, srgb), sizes))
-                   for _, sxy, srgb in terms]
-        pairwise = _Pairwise(kernels, [w for w, _, _ in terms])
-        exact = min(w for w, _, _ in terms) < 0
-        if not exact:  # a pixel's messages sum to its message for Q ≡ 1 whatever Q is: that bounds each of them
-            bound = sum(k.of_ones() * (w * LOG2E) for k, (w, _, _) in zip(kernels, terms))[:, None]
-            exact = bool(bound.max() > SHIFT_RANGE)
-        del kernels
-        unary = log_p if exact else log_p.sub_(top.add_(bound))
-        compiled = _native_loop(pairwise, q, unary, iterations, exact)
-        if compiled is not None:
-            starts = np.cumsum([0, *sizes])
-            return [compiled[:, a:b].reshape(p.shape) if len(probs) == 1 else compiled[:, a:b].reshape(p.shape).contiguous()
-                    for p, a, b in zip(probs, starts, starts[1:])]
-        for _ in range(iterations):
-            x = pairwise(q).add_(unary)
-            if exact:
-                x -= x.amax(1, keepdim=True)
-            q = _normalise(x)
+    if not (iterations and c > 1 and terms):
+        return _label_major(_normalise(log_p.sub_(top)), probs, sizes)
+    kernels = [position_kernel(shapes, sxy, dev) if srgb is None
+               else Kernel.of(_image_lattice(_features(shapes, sxy, images, srgb), sizes))
+               for _, sxy, srgb in terms]
+    pairwise = _Pairwise(kernels, [w for w, _, _ in terms])
+    exact = min(w for w, _, _ in terms) < 0
+    if not exact:  # a pixel's messages sum to its message for Q ≡ 1 whatever Q is: that bounds each of them
+        bound = sum(k.of_ones() * (w * LOG2E) for k, (w, _, _) in zip(kernels, terms))[:, None]
+        exact = bool(bound.max() > SHIFT_RANGE)
+    del kernels
+    unary = log_p if exact else log_p.sub_(top.add_(bound))
+    compiled = _native_loop(pairwise, unary, iterations, exact)
+    if compiled is not None:
+        starts = np.cumsum([0, *sizes])
+        return [compiled[:, a:b].reshape(p.shape) if len(probs) == 1 else compiled[:, a:b].reshape(p.shape).contiguous()
+                for p, a, b in zip(probs, starts, starts[1:])]
+    q = _normalise(unary.clone())  # Q₀ = softmax(log p): a per-pixel shift does not change it
+    for _ in range(iterations):
+        x = pairwise(q).add_(unary)
+        if exact:
+            x -= x.amax(1, keepdim=True)
+        q = _normalise(x)
+    return _label_major(q, probs, sizes)
+
+
+def _label_major(q: torch.Tensor, probs: Sequence[torch.Tensor], sizes: Sequence[int]) -> list[torch.Tensor]:
+    """Q (N, C) of all images → each image's (C, H, W)."""
     out, start = [], 0
     for p, n in zip(probs, sizes):
         out.append(q[start : start + n].t().reshape(p.shape).contiguous())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 MAX_LABELS, MAX_KERNELS, MAX_DIRECTIONS = 64, 4, 8  # as #defined in _meanfield.c
 MAX_FEATURES = 16  # MAX_D in _lattice.c
-SLACK = 16  # floats _meanfield.c may read past the last row of Q and of the unary
+SLACK = 16  # floats _meanfield.c may read past the unary's last row
 
 
 def row_stride(labels: int) -> int:
@@ -32,8 +32,8 @@ class Problem(ctypes.Structure):
                 ("d1", ctypes.c_int32 * MAX_KERNELS),
                 ("blur_index", (ctypes.c_void_p * MAX_DIRECTIONS) * MAX_KERNELS),
                 ("blur_bounds", (ctypes.c_void_p * MAX_DIRECTIONS) * MAX_KERNELS),
-                *[(name, ctypes.c_void_p) for name in ("slice_index", "slice_weights", "splat_scale", "unary", "q",
-                                                       "out", "table", "spare", "splats")]]
+                *[(name, ctypes.c_void_p) for name in ("slice_index", "slice_weights", "splat_scale", "unary", "out",
+                                                       "table", "spare", "splats")]]
 
 
 class Hash(ctypes.Structure):
@@ -45,12 +45,12 @@ _PROTOTYPES = {  # name: (argument types, result type)
     "deeplab_lattice_number": ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)],
                                ctypes.POINTER(Hash)),
     "deeplab_lattice_neighbours": ([ctypes.POINTER(Hash), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                    ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int),
+                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int], ctypes.c_int),
     "deeplab_lattice_group": ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p],
                               ctypes.c_int),
     "deeplab_lattice_free": ([ctypes.POINTER(Hash)], None),
     "deeplab_lattice_simplices": ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float,
-                                   *[ctypes.c_void_p] * 5, ctypes.c_int], ctypes.c_int),
+                                   *[ctypes.c_void_p] * 5], ctypes.c_int),
     "deeplab_lattice_keys": ([*[ctypes.c_void_p] * 3, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                               ctypes.c_int64, ctypes.c_void_p], None),
     "deeplab_lattice_filter": ([ctypes.c_int64, ctypes.c_int, ctypes.c_int64, *[ctypes.c_void_p] * 8], ctypes.c_int),

@@ -175,8 +175,7 @@ def _simplices_natively(features: torch.Tensor) -> tuple[torch.Tensor, ...] | No
     zero, lo, hi = torch.empty((n, d), dtype=torch.int32), torch.empty(d, dtype=torch.int32), torch.empty(d, dtype=torch.int32)
     place, bary = torch.empty((n, d + 1), dtype=torch.uint8), torch.empty((n, d + 1), dtype=torch.float32)
     if lib.deeplab_lattice_simplices(features.data_ptr(), n, d, scale_t.data_ptr(), down, zero.data_ptr(),
-                                     place.data_ptr(), bary.data_ptr(), lo.data_ptr(), hi.data_ptr(),
-                                     torch.get_num_threads()) != 0:
+                                     place.data_ptr(), bary.data_ptr(), lo.data_ptr(), hi.data_ptr()) != 0:
         return None
     return zero, place, bary, lo.long(), hi.long()
 
@@ -403,7 +402,7 @@ def _number_natively(keys: torch.Tensor, strides: list[int]) -> _Structure | Non
     sizes = torch.empty(d1, dtype=torch.int64)
     try:
         if lib.deeplab_lattice_neighbours(table, d1, steps.data_ptr(), neighbour_bounds.data_ptr(),
-                                          neighbours.data_ptr(), sizes.data_ptr()) != 0:
+                                          neighbours.data_ptr(), sizes.data_ptr(), torch.get_num_threads()) != 0:
             return None
     finally:
         lib.deeplab_lattice_free(table)

@@ -275,15 +275,19 @@ def test_compiled_loop_matches_the_torch_loop(labels: int, params: CRFParams, mo
 
 
 @pytest.mark.parametrize("sigmas", [(121.0, 5.0), (3.0, None), (2.0, 2.0)], ids=["bilateral", "position", "fine"])
-def test_compiled_lattice_equals_the_torch_lattice(sigmas: tuple[float, float | None]) -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compiled_lattice_equals_the_torch_lattice(sigmas: tuple[float, float | None], threads: int) -> None:
     """_lattice.c computes the simplices with pydensecrf's arithmetic and numbers, groups and links the vertices
-    exactly as the torch version does: two images of odd sizes (pydensecrf's padding points included) give
-    identical lattices, bit for bit."""
+    exactly as the torch version does: two images of odd sizes (pydensecrf's padding points included; enough
+    vertices for two threads to share the blur neighbours' search) give identical lattices, bit for bit."""
+    torch.set_num_threads(threads)
     images = [small_photo("astronaut", (241, 147)), small_photo("coffee", (33, 29))]
     shapes = [im.shape[:2] for im in images]
     features = permutohedral._features(shapes, sigmas[0], [torch.from_numpy(im) for im in images], sigmas[1])
     sizes = [h * w for h, w in shapes]
     built = permutohedral._image_lattice(features, sizes)
+    if threads == 2 and sigmas[1] == 2.0:
+        assert built.m >= 8192  # the neighbours' search really splits
     library = native.library
     native.library = lambda: None
     try:
