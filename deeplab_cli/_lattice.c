@@ -2,10 +2,11 @@
  * and barycentric weights (the float32 arithmetic of pydensecrf's Permutohedral::init, operation by operation,
  * as permutohedral.py's torch version does), its vertices' packed keys, the vertices numbered in the order
  * the points first reach them (as pydensecrf's hash table numbers them) with one hash table (open
- * addressing, linear probing), the splat entries grouped by vertex, and each vertex's blur neighbours.
+ * addressing, linear probing), the splat entries grouped by vertex, each vertex's blur neighbours, and one
+ * channel filtered through the lattice.
  *
- * Plain C, no Python API, loaded by native.py with ctypes. Every function returns 0, or −1 when memory ran
- * out (the caller then builds the lattice with torch).
+ * Plain C (POSIX threads for the neighbours' search), no Python API, loaded by native.py with ctypes. The
+ * functions that allocate say when memory ran out (−1 or NULL); the caller then builds with torch.
  */
 #include <math.h>
 #include <pthread.h>
