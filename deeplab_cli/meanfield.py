@@ -240,7 +240,7 @@ def _mean_field(images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor], i
     top = torch.cat([p.reshape(c, -1).amax(0) for p in probs]).clamp_(min=UNARY_CLIP).log2_()[:, None]
     terms = [(w, sxy, srgb) for w, sxy, srgb in ((pos_w, pos_xy, None), (bi_w, bi_xy, bi_rgb)) if w != 0]
     if not (iterations and c > 1 and terms):
-        return _label_major(_normalise(log_p.sub_(top)), probs, sizes)
+        return _per_image(_normalise(log_p.sub_(top)).t(), probs, sizes)
     kernels = [position_kernel(shapes, sxy, dev) if srgb is None
                else Kernel.of(_image_lattice(_features(shapes, sxy, images, srgb), sizes))
                for _, sxy, srgb in terms]
@@ -253,22 +253,17 @@ def _mean_field(images: Sequence[torch.Tensor], probs: Sequence[torch.Tensor], i
     unary = log_p if exact else log_p.sub_(top.add_(bound))
     compiled = _native_loop(pairwise, unary, iterations, exact)
     if compiled is not None:
-        starts = np.cumsum([0, *sizes])
-        return [compiled[:, a:b].reshape(p.shape) if len(probs) == 1 else compiled[:, a:b].reshape(p.shape).contiguous()
-                for p, a, b in zip(probs, starts, starts[1:])]
+        return _per_image(compiled, probs, sizes)
     q = _normalise(unary.clone())  # Q₀ = softmax(log p): a per-pixel shift does not change it
     for _ in range(iterations):
         x = pairwise(q).add_(unary)
         if exact:
             x -= x.amax(1, keepdim=True)
         q = _normalise(x)
-    return _label_major(q, probs, sizes)
+    return _per_image(q.t(), probs, sizes)
 
 
-def _label_major(q: torch.Tensor, probs: Sequence[torch.Tensor], sizes: Sequence[int]) -> list[torch.Tensor]:
-    """Q (N, C) of all images → each image's (C, H, W)."""
-    out, start = [], 0
-    for p, n in zip(probs, sizes):
-        out.append(q[start : start + n].t().reshape(p.shape).contiguous())
-        start += n
-    return out
+def _per_image(q: torch.Tensor, probs: Sequence[torch.Tensor], sizes: Sequence[int]) -> list[torch.Tensor]:
+    """Q (C, N) of all images, label-major (a view of an (N, C) tensor too) → each image's contiguous (C, H, W)."""
+    starts = np.cumsum([0, *sizes])
+    return [q[:, a:b].reshape(p.shape).contiguous() for p, a, b in zip(probs, starts, starts[1:])]
